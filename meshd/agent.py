@@ -1,0 +1,347 @@
+"""The composition root: one member's core wired to its UDP socket, data dir and HTTP endpoint.
+
+The agent owns no protocol decisions. It feeds the core (datagrams, timer) and
+carries out what the core asks, in one fixed order per step: persist critical
+state, then send datagrams, then log events. That order is what makes a join
+reply safe to send: the address it hands out is on disk first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from meshd import persist
+from meshd.core import node as core
+from meshd.core.join import Addr
+from meshd.core.node import Node
+from meshd.core.wire import split_hostport
+from meshd.state import DataDir, atomic_write
+
+log = structlog.get_logger("meshd.agent")
+
+VIEW_FLUSH_INTERVAL = 10.0
+RUN_FILE = "run.json"
+HTTP_TOKEN_KEY = "http"
+
+
+def parse_hostport(text: str, default_port: int | None = None) -> Addr:
+    """User-supplied ``host:port``; an empty host means every address."""
+    host, port = split_hostport(text, default_port)
+    return host or "0.0.0.0", port
+
+
+def format_hostport(addr: Addr) -> str:
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass
+class Metrics:
+    """Counters the HTTP endpoint exposes; the core keeps its own drop counts."""
+
+    started: float = field(default_factory=time.time)
+    rx_packets: int = 0
+    tx_packets: int = 0
+    rx_bytes: int = 0
+    tx_bytes: int = 0
+    send_errors: int = 0
+    state_writes: int = 0
+    events: Counter[str] = field(default_factory=Counter)
+
+
+class _Protocol(asyncio.DatagramProtocol):
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.agent.on_datagram(data, (addr[0], addr[1]))
+
+    def error_received(self, exc: Exception) -> None:
+        self.agent.metrics.send_errors += 1
+
+
+class Agent:
+    """Runs one node until stopped."""
+
+    def __init__(
+        self,
+        datadir: DataDir,
+        node: Node,
+        settings: dict[str, Any],
+        *,
+        http: Addr | None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.datadir = datadir
+        self.node = node
+        self.settings = settings
+        self.http_addr = http
+        self.clock = clock
+        self.metrics = Metrics()
+        self.stopped = asyncio.Event()
+        self._transport: asyncio.DatagramTransport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._view_flush: asyncio.TimerHandle | None = None
+        self._http_runner: Any = None
+        self._http_token = ""
+        self._leave_done: asyncio.Future[bool] | None = None
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        listen = parse_hostport(self.settings["listen"])
+        self._transport, _ = await loop.create_datagram_endpoint(
+            lambda: _Protocol(self), local_addr=listen
+        )
+        bound = self._transport.get_extra_info("sockname")
+        self.listen_addr: Addr = (bound[0], bound[1])
+        self._http_token = self._load_http_token()
+        if self.http_addr is not None:
+            from meshd.http import start_http
+
+            self._http_runner, self.http_bound = await start_http(self, self.http_addr)
+        self._write_run_file()
+        self.node.announce(self.clock())
+        self._pump()
+        self._schedule_view_flush()
+        v4, v6 = self.node.addresses()
+        log.info(
+            "agent started",
+            node=self.node.config.name,
+            id=self.node.sign.node_id.hex(),
+            ipv4=v4,
+            ipv6=v6,
+            listen=format_hostport(self.listen_addr),
+            http=format_hostport(self.http_bound) if self.http_addr else None,
+            leader=self.node.is_leader,
+        )
+
+    async def stop(self) -> None:
+        for handle in (self._timer, self._view_flush):
+            if handle is not None:
+                handle.cancel()
+        if self._http_runner is not None:
+            await self._http_runner.cleanup()
+        if self._transport is not None:
+            self._transport.close()
+        self._persist()
+        with contextlib.suppress(FileNotFoundError):
+            (self.datadir.path / RUN_FILE).unlink()
+        log.info("agent stopped", node=self.node.config.name)
+
+    async def leave(self, wait: float = 10.0) -> bool:
+        """Release leases through the core and wait (bounded) for the acknowledgements."""
+        self._leave_done = asyncio.get_running_loop().create_future()
+        self.node.leave(self.clock())
+        self._pump()
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._leave_done), wait)
+        except TimeoutError:
+            return False
+        finally:
+            self.stopped.set()
+
+    # --------------------------------------------------------------- core driving
+
+    def on_datagram(self, data: bytes, addr: Addr) -> None:
+        self.metrics.rx_packets += 1
+        self.metrics.rx_bytes += len(data)
+        self.node.receive(data, addr, self.clock())
+        self._pump()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.node.handle_timer(self.clock())
+        self._pump()
+
+    def _pump(self) -> None:
+        """Persist, then send, then report, then re-arm the timer."""
+        if self.node.dirty:
+            self._persist()
+        assert self._transport is not None
+        for data, addr in self.node.datagrams_to_send():
+            try:
+                self._transport.sendto(data, addr)
+                self.metrics.tx_packets += 1
+                self.metrics.tx_bytes += len(data)
+            except OSError:
+                self.metrics.send_errors += 1
+        while (event := self.node.next_event()) is not None:
+            self._on_event(event)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        when = self.node.get_timer()
+        if when is not None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(max(0.0, when - self.clock()), self._on_timer)
+
+    def _persist(self) -> None:
+        persist.save(self.datadir, self.node, self.settings)
+        self.metrics.state_writes += 1
+
+    def _schedule_view_flush(self) -> None:
+        def flush() -> None:
+            if self.node.view_dirty:
+                self._persist()
+            self._schedule_view_flush()
+
+        loop = asyncio.get_running_loop()
+        self._view_flush = loop.call_later(VIEW_FLUSH_INTERVAL, flush)
+
+    def _on_event(self, event: core.Event) -> None:
+        self.metrics.events[type(event).__name__] += 1
+        if isinstance(event, core.MemberUpdated):
+            v4, v6 = event.record.addresses(self.node.plan)
+            log.info(
+                "member " + event.merge.value,
+                name=event.record.name,
+                id=event.record.node_id.hex(),
+                ipv4=str(v4),
+                ipv6=str(v6),
+                seq=event.record.seq,
+            )
+        elif isinstance(event, core.Admitted):
+            v4, _ = self.node.plan.address(event.offset)
+            log.info("admitted joiner", name=event.name, id=event.node_id.hex(), ipv4=str(v4))
+        elif isinstance(event, core.LeaseChanged):
+            log.info(
+                "lease " + ("released" if event.lease.released else "granted"),
+                block=event.lease.block,
+                holder=event.lease.holder.hex() or None,
+            )
+        elif isinstance(event, core.ControlFailed):
+            log.warning("control request failed", op=event.op, reason=event.reason)
+        elif isinstance(event, core.LeaveFinished):
+            log.info("leave finished", acknowledged=event.acknowledged)
+            if self._leave_done is not None and not self._leave_done.done():
+                self._leave_done.set_result(event.acknowledged)
+
+    # ----------------------------------------------------------------- run file
+
+    def _load_http_token(self) -> str:
+        """A bearer token for state-changing HTTP calls, readable only by root/the owner."""
+        if self.datadir.has_key(HTTP_TOKEN_KEY):
+            return self.datadir.read_key(HTTP_TOKEN_KEY).hex()
+        raw = secrets.token_bytes(16)
+        self.datadir.write_key(HTTP_TOKEN_KEY, raw)
+        return raw.hex()
+
+    @property
+    def http_token(self) -> str:
+        return self._http_token
+
+    def _write_run_file(self) -> None:
+        info = {
+            "pid": os.getpid(),
+            "listen": format_hostport(self.listen_addr),
+            "http": format_hostport(self.http_bound) if self.http_addr else None,
+        }
+        atomic_write(self.datadir.path / RUN_FILE, json.dumps(info).encode(), mode=0o644)
+
+    # ----------------------------------------------------------------- views
+
+    def status(self) -> dict[str, Any]:
+        node = self.node
+        v4, v6 = node.addresses()
+        states = Counter(self.member_state(r.node_id) for r in node.store)
+        return {
+            "node_id": node.sign.node_id.hex(),
+            "name": node.config.name,
+            "hostname": node.config.hostname,
+            "addresses": {"ipv4": v4, "ipv6": v6},
+            "is_leader": node.is_leader,
+            "leader_id": node.leader.hex(),
+            "leader_name": _name_of(node, node.leader),
+            "cluster_id": node_cluster_id(node),
+            "zone": node.config.zone,
+            "members": dict(sorted(states.items())),
+            "member_count": len(node.store),
+            "wireguard": {"backend": "none", "interface": None},
+            "listen": format_hostport(self.listen_addr),
+            "endpoints": node.config.endpoints,
+            "version": node.config.version,
+            "uptime_s": round(self.clock() - self.metrics.started, 3),
+            "left": node.left,
+        }
+
+    def member_state(self, nid: bytes) -> str:
+        """Failure detection arrives with gossip membership; until then only self is alive."""
+        if nid == self.node.sign.node_id:
+            return "left" if self.node.left else "alive"
+        return "unknown"
+
+    def members(self) -> list[dict[str, Any]]:
+        node = self.node
+        out = []
+        for rec in node.store:
+            v4, v6 = rec.addresses(node.plan)
+            out.append(
+                {
+                    "id": rec.node_id.hex(),
+                    "name": rec.name,
+                    "hostname": rec.hostname,
+                    "state": self.member_state(rec.node_id),
+                    "incarnation": rec.seq,
+                    "addresses": {"ipv4": str(v4), "ipv6": str(v6)},
+                    "endpoints": list(rec.endpoints),
+                    "nat_candidates": [],
+                    "connection": None,
+                    "last_handshake": None,
+                    "wg_public_key": _b64(rec.wg_key),
+                    "admitted_by": rec.admission.issuer.hex(),
+                    "version": rec.version,
+                    "is_leader": rec.node_id == node.leader,
+                    "is_self": rec.node_id == node.sign.node_id,
+                }
+            )
+        return out
+
+    def leases(self) -> list[dict[str, Any]]:
+        node = self.node
+        out = []
+        for lease in node.store.leases():
+            v4, v6 = node.plan.block(lease.block)
+            out.append(
+                {
+                    "block": lease.block,
+                    "ipv4": str(v4),
+                    "ipv6": str(v6),
+                    "holder": lease.holder.hex() or None,
+                    "holder_name": _name_of(node, lease.holder) if lease.holder else None,
+                    "granted_by": lease.granted_by.hex(),
+                    "granted_at": lease.granted_at,
+                    "expiry": lease.expires,
+                    "released": lease.released,
+                }
+            )
+        return out
+
+
+def node_cluster_id(node: Node) -> str:
+    from meshd.core.admission import cluster_id
+
+    return cluster_id(node.ca_public).hex()
+
+
+def _name_of(node: Node, nid: bytes) -> str | None:
+    rec = node.store.get(nid)
+    return rec.name if rec is not None else None
+
+
+def _b64(raw: bytes) -> str:
+    import base64
+
+    return base64.b64encode(raw).decode()

@@ -1,0 +1,666 @@
+"""The ``meshd`` command (INTERFACE.md). Options resolve flag > MESHD_* env > TOML file > default.
+
+Every failure is one sentence on stderr naming what was wrong, exit code 1, and a
+data directory left as it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+import time
+import tomllib
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+
+from meshd import __version__, persist
+from meshd.agent import RUN_FILE, Agent, format_hostport, parse_hostport
+from meshd.core.admission import TokenError, mint_token
+from meshd.core.crypto import SigningKey, WireGuardKey
+from meshd.core.ipam import AddressPlan, IpamError
+from meshd.core.join import JoinClient, JoinFailed, JoinSucceeded
+from meshd.core.node import Node, NodeConfig
+from meshd.core.wire import Keyring
+from meshd.state import DataDir, StateError
+
+DEFAULTS: dict[str, Any] = {
+    "cidr": "10.200.0.0/16",
+    "cidr6": "fd00:200::/48",
+    "listen": "0.0.0.0:7946",
+    "advertise": None,
+    "wg_port": 51820,
+    "interface": "mesh0",
+    "zone": "mesh.internal.",
+    "name": None,
+    "hostname": None,
+    "seed": None,
+    "token": None,
+    "timeout": "30s",
+    "wg_backend": "auto",
+    "http": "127.0.0.1:7947",
+    "ttl": "24h",
+    "uses": 1,
+    "nodes": 3,
+    "duration": None,
+    "log_format": "console",
+    "log_level": "info",
+}
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+class CliError(Exception):
+    """A user-facing failure: the message is printed as is."""
+
+
+def default_data_dir() -> str:
+    if os.geteuid() == 0:
+        return "/var/lib/meshd"
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(base, "meshd")
+
+
+# ----------------------------------------------------------------------- options
+
+
+class Options:
+    """Resolves each option: flag, then MESHD_<NAME>, then the config file, then the default."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.file: dict[str, Any] = {}
+        path = args.config or os.environ.get("MESHD_CONFIG")
+        if path:
+            try:
+                with open(path, "rb") as fh:
+                    self.file = {k.replace("-", "_"): v for k, v in tomllib.load(fh).items()}
+            except OSError as exc:
+                raise CliError(f"cannot read config file {path}: {exc.strerror}") from None
+            except tomllib.TOMLDecodeError as exc:
+                raise CliError(f"config file {path} is not valid TOML: {exc}") from None
+
+    def get(self, name: str) -> Any:
+        value = getattr(self.args, name, None)
+        if value is not None:
+            return value
+        env = os.environ.get("MESHD_" + name.upper())
+        if env is not None and env != "":
+            return env
+        if name in self.file:
+            return self.file[name]
+        return DEFAULTS.get(name)
+
+    def given(self, name: str) -> bool:
+        """True if the operator set the option anywhere (not just the default)."""
+        return (
+            getattr(self.args, name, None) is not None
+            or bool(os.environ.get("MESHD_" + name.upper()))
+            or name in self.file
+        )
+
+    def int(self, name: str, lo: int, hi: int) -> int:
+        value = self.get(name)
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise CliError(f"--{name.replace('_', '-')} must be a number, got {value!r}") from None
+        if not lo <= number <= hi:
+            raise CliError(f"--{name.replace('_', '-')} must be between {lo} and {hi}")
+        return number
+
+    def datadir(self) -> DataDir:
+        return DataDir(self.get("data_dir") or default_data_dir())
+
+
+def parse_duration(text: str | int | float) -> float:
+    """``90``, ``90s``, ``30m``, ``24h``, ``7d``."""
+    if isinstance(text, int | float):
+        return float(text)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(text))
+    if not m:
+        raise CliError(f"{text!r} is not a duration (use e.g. 90s, 30m, 24h, 7d)")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", help="data directory (default /var/lib/meshd as root)")
+    p.add_argument("--config", help="TOML config file (keys as the long options)")
+    p.add_argument("--log-format", choices=["console", "json"])
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+
+def _add_node_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cidr", help="overlay IPv4 CIDR (default 10.200.0.0/16)")
+    p.add_argument("--cidr6", help="overlay IPv6 CIDR (default fd00:200::/48)")
+    p.add_argument("--listen", help="gossip/bootstrap UDP ADDR:PORT (default 0.0.0.0:7946)")
+    p.add_argument("--advertise", help="ADDR:PORT other members use to reach this node")
+    p.add_argument("--wg-port", help="WireGuard listen port (default 51820)")
+    p.add_argument("--interface", help="WireGuard interface name (default mesh0)")
+    p.add_argument("--zone", help="DNS zone (default mesh.internal.)")
+    p.add_argument("--name", help="node name, a DNS label (default: the host name)")
+    p.add_argument("--hostname", help="extra DNS name for this node")
+
+
+def _add_join_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", help="ADDR:PORT[,ADDR:PORT...] of any existing members")
+    p.add_argument("--token", help="join token from `meshd token`")
+    p.add_argument("--timeout", help="give up joining after this long (default 30s)")
+
+
+def _add_run_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wg-backend", choices=["auto", "kernel", "userspace", "none"])
+    p.add_argument("--http", help="debug HTTP endpoint ADDR:PORT (default 127.0.0.1:7947)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshd", description="gossip-based WireGuard mesh agent")
+    parser.add_argument("--version", action="version", version=f"meshd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("init", help="create a new cluster with this node as leader")
+    _add_common(p)
+    _add_node_opts(p)
+
+    p = sub.add_parser("token", help="print a join token")
+    _add_common(p)
+    p.add_argument("--ttl", help="validity, e.g. 30m, 24h (default 24h)")
+    p.add_argument("--uses", help="how many nodes may join with it; 0 = unlimited (default 1)")
+
+    p = sub.add_parser("join", help="join an existing cluster")
+    _add_common(p)
+    _add_node_opts(p)
+    _add_join_opts(p)
+
+    p = sub.add_parser("run", help="run the agent in the foreground")
+    _add_common(p)
+    _add_run_opts(p)
+
+    p = sub.add_parser("up", help="init or join when new, then run")
+    _add_common(p)
+    _add_node_opts(p)
+    _add_join_opts(p)
+    _add_run_opts(p)
+
+    for name, text in (("status", "this node's summary"), ("peers", "one row per member")):
+        p = sub.add_parser(name, help=text)
+        _add_common(p)
+        p.add_argument("--json", action="store_true", help="print JSON")
+        p.add_argument("--http", help="agent endpoint (default: from the running agent)")
+
+    p = sub.add_parser("leave", help="leave the cluster gracefully and stop the agent")
+    _add_common(p)
+    p.add_argument("--http", help="agent endpoint (default: from the running agent)")
+
+    p = sub.add_parser("demo", help="start a local mesh on this machine and show it working")
+    p.add_argument("--nodes", help="how many nodes (default 3)")
+    p.add_argument("--duration", help="stop after this long (default: until Ctrl-C)")
+    p.add_argument("--config", help=argparse.SUPPRESS)
+    return parser
+
+
+# ---------------------------------------------------------------------- logging
+
+
+def setup_logging(opts: Options) -> None:
+    level = getattr(logging, str(opts.get("log_level")).upper(), logging.INFO)
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if opts.get("log_format") == "json"
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+# ----------------------------------------------------------------- node options
+
+
+def _node_settings(opts: Options) -> dict[str, Any]:
+    listen = _hostport(opts, "listen")
+    advertise = opts.get("advertise")
+    if advertise:
+        adv = parse_advertise(str(advertise), listen[1])
+    else:
+        adv = (_primary_address() if listen[0] in ("0.0.0.0", "::") else listen[0], listen[1])
+    name = str(opts.get("name") or socket.gethostname().split(".")[0]).lower()
+    if not NAME_RE.match(name):
+        raise CliError(f"node name {name!r} is not a DNS label (a-z, 0-9, '-', at most 63)")
+    hostname = opts.get("hostname")
+    if hostname is not None:
+        hostname = str(hostname).lower().rstrip(".")
+        if not all(NAME_RE.match(label) for label in hostname.split(".")) or len(hostname) > 253:
+            raise CliError(f"hostname {hostname!r} is not a valid DNS name")
+    zone = str(opts.get("zone"))
+    if not zone.endswith("."):
+        zone += "."
+    return {
+        "listen": format_hostport(listen),
+        "advertise": format_hostport(adv),
+        "wg_port": opts.int("wg_port", 1, 65535),
+        "interface": _interface(str(opts.get("interface"))),
+        "name": name,
+        "hostname": hostname,
+        "zone": zone,
+    }
+
+
+def parse_advertise(text: str, default_port: int) -> tuple[str, int]:
+    try:
+        host, port = parse_hostport(text, default_port)
+    except ValueError as exc:
+        raise CliError(f"--advertise: {exc}") from None
+    if host in ("0.0.0.0", "::", ""):
+        raise CliError("--advertise must be an address other members can reach, not a wildcard")
+    return host, port
+
+
+def _hostport(opts: Options, name: str) -> tuple[str, int]:
+    try:
+        return parse_hostport(str(opts.get(name)))
+    except ValueError as exc:
+        raise CliError(f"--{name}: {exc}") from None
+
+
+def _interface(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", name):
+        raise CliError(f"interface name {name!r} is invalid (1-15 letters, digits, '-_.')")
+    return name
+
+
+def _primary_address() -> str:
+    """The source address the kernel would use for outbound traffic (no packet is sent)."""
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("192.0.2.1", 9))  # connect() on UDP only picks a route
+        return str(s.getsockname()[0])
+    return "127.0.0.1"
+
+
+def _refuse_initialised(datadir: DataDir) -> None:
+    if datadir.is_initialised():
+        raise CliError(
+            f"data directory {datadir.path} is already initialised; "
+            "use `meshd run`, or pick another --data-dir"
+        )
+
+
+# ---------------------------------------------------------------------- commands
+
+
+def cmd_init(opts: Options) -> Node:
+    datadir = opts.datadir()
+    _refuse_initialised(datadir)
+    settings = _node_settings(opts)
+    try:
+        plan = AddressPlan.parse(
+            str(opts.get("cidr")), str(opts.get("cidr6")), avoid=[settings["advertise"]]
+        )
+    except IpamError as exc:
+        raise CliError(str(exc)) from None
+    now = time.time()
+    node = Node.create_cluster(
+        sign=SigningKey(os.urandom(32)),
+        wg=WireGuardKey(os.urandom(32)),
+        ca=SigningKey(os.urandom(32)),
+        keyring=Keyring([os.urandom(32)]),
+        token_key=os.urandom(32),
+        plan=plan,
+        config=_node_config(settings),
+        now=now,
+        random_bytes=os.urandom,
+    )
+    persist.save_new(datadir, node, settings)
+    _print_identity(node, "initialised a new cluster")
+    return node
+
+
+def _node_config(settings: dict[str, Any]) -> NodeConfig:
+    return NodeConfig(
+        name=settings["name"],
+        hostname=settings["hostname"],
+        endpoints=[settings["advertise"]],
+        zone=settings["zone"],
+        version=__version__,
+    )
+
+
+def _print_identity(node: Node, what: str) -> None:
+    from meshd.agent import node_cluster_id
+
+    v4, v6 = node.addresses()
+    print(f"{what} (cluster {node_cluster_id(node)})")
+    print(f"name  {node.config.name}")
+    print(f"id    {node.sign.node_id.hex()}")
+    print(f"ipv4  {v4}")
+    print(f"ipv6  {v6}")
+    sys.stdout.flush()
+
+
+def _load_member(opts: Options) -> tuple[DataDir, Node, dict[str, Any]]:
+    """The node in the data dir, refusing a missing, corrupt or departed one."""
+    datadir = opts.datadir()
+    try:
+        node, settings = persist.load(datadir, time.time())
+    except StateError as exc:
+        raise CliError(str(exc)) from None
+    if node.left:
+        raise CliError(
+            f"this node left the cluster; remove {datadir.path} and join again with a new token"
+        )
+    return datadir, node, settings
+
+
+def cmd_token(opts: Options) -> None:
+    _, node, _ = _load_member(opts)
+    uses = opts.int("uses", 0, 1_000_000)
+    try:
+        token, _ = mint_token(
+            node.token_key,
+            node.sign.node_id,
+            node.ca_public,
+            os.urandom(8),
+            time.time(),
+            parse_duration(opts.get("ttl")),
+            uses,
+        )
+    except TokenError as exc:
+        raise CliError(str(exc)) from None
+    print(token)
+
+
+def _seeds(opts: Options) -> list[tuple[str, int]]:
+    text = opts.get("seed")
+    if not text:
+        raise CliError("--seed is required to join (ADDR:PORT of any member)")
+    seeds = []
+    for item in str(text).split(","):
+        try:
+            host, port = parse_hostport(item, 7946)
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        except ValueError as exc:
+            raise CliError(f"--seed: {exc}") from None
+        except socket.gaierror as exc:
+            raise CliError(f"--seed: cannot resolve {item.strip()!r}: {exc.strerror}") from None
+        addr = infos[0][4]
+        seeds.append((str(addr[0]), int(addr[1])))
+    return seeds
+
+
+def cmd_join(opts: Options) -> Node:
+    datadir = opts.datadir()
+    _refuse_initialised(datadir)
+    settings = _node_settings(opts)
+    token = opts.get("token")
+    if not token:
+        raise CliError("--token is required to join (mint one with `meshd token` on a member)")
+    seeds = _seeds(opts)
+    timeout = parse_duration(opts.get("timeout"))
+    sign, wg = SigningKey(os.urandom(32)), WireGuardKey(os.urandom(32))
+    try:
+        client = JoinClient(
+            token=str(token),
+            seeds=seeds,
+            sign=sign,
+            wg_key=wg.public,
+            reply_key=WireGuardKey(os.urandom(32)),
+            request_id=os.urandom(16),
+            name=settings["name"],
+            hostname=settings["hostname"],
+            endpoints=[settings["advertise"]],
+            now=time.time(),
+            timeout=timeout,
+        )
+    except TokenError as exc:
+        raise CliError(str(exc)) from None
+    event, _ = asyncio.run(_drive_join(client, seeds))
+    if isinstance(event, JoinFailed):
+        raise CliError(event.reason)
+    grant = event.grant
+    for name, given in (("cidr", grant.plan.cidr4), ("cidr6", grant.plan.cidr6)):
+        if opts.given(name) and str(opts.get(name)) != str(given):
+            raise CliError(f"--{name} {opts.get(name)} differs from the cluster's {given}")
+    settings["zone"] = grant.zone
+    node = Node.from_grant(
+        grant,
+        sign=sign,
+        wg=wg,
+        config=_node_config(settings),
+        now=time.time(),
+        random_bytes=os.urandom,
+    )
+    persist.save_new(datadir, node, settings)
+    _print_identity(node, f"joined through {format_hostport(event.seed_addr)}")
+    return node
+
+
+async def _drive_join(
+    client: JoinClient, seeds: list[tuple[str, int]]
+) -> tuple[JoinSucceeded | JoinFailed, None]:
+    """The join's asyncio adapter: one UDP socket, the client's timer, its datagrams."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[JoinSucceeded | JoinFailed] = loop.create_future()
+    family = socket.AF_INET6 if ":" in seeds[0][0] else socket.AF_INET
+
+    def pump() -> None:
+        for data, addr in client.datagrams_to_send():
+            with contextlib.suppress(OSError):
+                transport.sendto(data, addr)
+        event = client.next_event()
+        if event is not None and not done.done():
+            done.set_result(event)
+
+    class Proto(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: Any) -> None:
+            client.receive(data, (addr[0], addr[1]), time.time())
+            pump()
+
+    transport, _ = await loop.create_datagram_endpoint(Proto, family=family)
+    try:
+        while not done.done():
+            when = client.get_timer()
+            if when is None:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(done), max(0.0, when - time.time()))
+            if not done.done():
+                client.handle_timer(time.time())
+                pump()
+        return await done, None
+    finally:
+        transport.close()
+
+
+def cmd_run(opts: Options) -> None:
+    backend = str(opts.get("wg_backend"))
+    if backend in ("kernel", "userspace"):
+        raise CliError(
+            f"--wg-backend {backend} is not available in this build yet; use auto or none"
+        )
+    datadir, node, settings = _load_member(opts)
+    http = None if str(opts.get("http")).lower() == "off" else _hostport(opts, "http")
+    asyncio.run(_run_agent(datadir, node, settings, http))
+
+
+async def _run_agent(
+    datadir: DataDir, node: Node, settings: dict[str, Any], http: tuple[str, int] | None
+) -> None:
+    agent = Agent(datadir, node, settings, http=http)
+    try:
+        await agent.start()
+    except OSError as exc:
+        raise CliError(f"cannot start the agent: {exc.strerror or exc}") from None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, agent.stopped.set)
+    try:
+        await agent.stopped.wait()
+    finally:
+        await agent.stop()
+
+
+def cmd_up(opts: Options) -> None:
+    datadir = opts.datadir()
+    if not datadir.is_initialised():
+        if opts.get("seed"):
+            cmd_join(opts)
+        else:
+            cmd_init(opts)
+    cmd_run(opts)
+
+
+def _agent_url(opts: Options, path: str) -> str:
+    http = getattr(opts.args, "http", None) or os.environ.get("MESHD_HTTP")
+    if not http:
+        run_file = opts.datadir().path / RUN_FILE
+        try:
+            http = json.loads(run_file.read_text()).get("http")
+        except (OSError, ValueError):
+            http = None
+    if not http:
+        http = DEFAULTS["http"]
+    return f"http://{http}{path}"
+
+
+def _get_json(opts: Options, path: str) -> Any:
+    url = _agent_url(opts, path)
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return json.loads(resp.read())
+    except (urllib.error.URLError, OSError) as exc:
+        raise CliError(
+            f"cannot reach the agent at {url}: is `meshd run` running? ({exc})"
+        ) from None
+    except ValueError:
+        raise CliError(f"the agent at {url} did not answer with JSON") from None
+
+
+def cmd_status(opts: Options) -> None:
+    st = _get_json(opts, "/v1/status")
+    if opts.args.json:
+        print(json.dumps(st, indent=2))
+        return
+    counts = ", ".join(f"{n} {s}" for s, n in st["members"].items()) or "none"
+    leader = st.get("leader_name") or st["leader_id"][:12]
+    rows = [
+        ("node", f"{st['name']} ({st['node_id'][:12]})"),
+        ("ipv4", st["addresses"]["ipv4"]),
+        ("ipv6", st["addresses"]["ipv6"]),
+        ("leader", "this node" if st["is_leader"] else leader),
+        ("cluster", st["cluster_id"]),
+        ("members", f"{st['member_count']} ({counts})"),
+        ("wireguard", st["wireguard"]["backend"]),
+        ("listen", st["listen"]),
+        ("version", st["version"]),
+        ("uptime", f"{st['uptime_s']:.0f}s"),
+    ]
+    for key, value in rows:
+        print(f"{key:<10} {value}")
+
+
+def cmd_peers(opts: Options) -> None:
+    members = _get_json(opts, "/v1/members")["members"]
+    if opts.args.json:
+        print(json.dumps(members, indent=2))
+        return
+    print(_peers_table(members))
+
+
+def _peers_table(members: Sequence[dict[str, Any]]) -> str:
+    header = ("NAME", "IPV4", "IPV6", "STATE", "CONNECTION", "ENDPOINT", "HANDSHAKE")
+    rows = [header]
+    for m in members:
+        name = m["name"] + (" *" if m.get("is_self") else "")
+        rows.append(
+            (
+                name,
+                m["addresses"]["ipv4"],
+                m["addresses"]["ipv6"],
+                m["state"],
+                m.get("connection") or "-",
+                (m["endpoints"] or ["-"])[0],
+                m.get("last_handshake") or "-",
+            )
+        )
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
+
+
+def cmd_leave(opts: Options) -> None:
+    datadir = opts.datadir()
+    try:
+        token = datadir.read_key("http").hex()
+    except StateError as exc:
+        raise CliError(f"cannot authenticate to the agent: {exc}") from None
+    url = _agent_url(opts, "/v1/leave")
+    req = urllib.request.Request(url, method="POST", headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            body = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            msg = json.loads(exc.read()).get("error", exc.reason)
+        except ValueError:
+            msg = exc.reason
+        raise CliError(f"the agent refused to leave: {msg}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise CliError(f"cannot reach the agent at {url}: {exc}") from None
+    print("left the cluster" + ("" if body.get("acknowledged") else " (not all releases acked)"))
+
+
+def cmd_demo(opts: Options) -> None:
+    from meshd.demo import run_demo
+
+    nodes = opts.int("nodes", 2, 50)
+    duration = opts.get("duration")
+    run_demo(nodes, parse_duration(duration) if duration else None)
+
+
+COMMANDS = {
+    "init": cmd_init,
+    "token": cmd_token,
+    "join": cmd_join,
+    "run": cmd_run,
+    "up": cmd_up,
+    "status": cmd_status,
+    "peers": cmd_peers,
+    "leave": cmd_leave,
+    "demo": cmd_demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        opts = Options(args)
+        setup_logging(opts)
+        COMMANDS[args.command](opts)
+    except CliError as exc:
+        print(f"meshd: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""The debug HTTP endpoint (aiohttp): JSON views of the agent, Prometheus metrics, leave.
+
+Read-only paths need no auth (the endpoint binds to 127.0.0.1 by default);
+``POST /v1/leave`` changes state and needs ``Authorization: Bearer <token>``, the
+token being the hex of the 0600 key file ``http.key`` in the data dir, so only
+someone who can read the data dir can drive the agent.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from meshd.core.join import Addr
+
+if TYPE_CHECKING:
+    from meshd.agent import Agent
+
+AGENT_KEY: web.AppKey[Agent] = web.AppKey("agent")
+
+
+def build_app(agent: Agent) -> web.Application:
+    app = web.Application(client_max_size=64 * 1024)
+    app[AGENT_KEY] = agent
+    registry = CollectorRegistry()
+    registry.register(_AgentCollector(agent))
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def status(request: web.Request) -> web.Response:
+        return web.json_response(agent.status())
+
+    async def members(request: web.Request) -> web.Response:
+        return web.json_response({"members": agent.members()})
+
+    async def leases(request: web.Request) -> web.Response:
+        return web.json_response({"leases": agent.leases()})
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(registry),
+            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+        )
+
+    async def leave(request: web.Request) -> web.Response:
+        auth = request.headers.get("Authorization", "")
+        expected = f"Bearer {agent.http_token}"
+        if not hmac.compare_digest(auth.encode(), expected.encode()):
+            return web.json_response(
+                {"error": "missing or wrong bearer token (see http.key in the data dir)"},
+                status=401,
+            )
+        try:
+            acknowledged = await agent.leave()
+        except ValueError as exc:
+            return web.json_response({"error": str(exc)}, status=409)
+        return web.json_response({"left": True, "acknowledged": acknowledged})
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/v1/status", status)
+    app.router.add_get("/v1/members", members)
+    app.router.add_get("/v1/leases", leases)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/v1/leave", leave)
+    return app
+
+
+async def start_http(agent: Agent, addr: Addr) -> tuple[web.AppRunner, Addr]:
+    """Serve the app on ``addr``; return the runner and the address actually bound."""
+    runner = web.AppRunner(build_app(agent), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, addr[0], addr[1], reuse_address=True)
+    await site.start()
+    bound = runner.addresses[0] if runner.addresses else addr
+    return runner, (bound[0], bound[1])
+
+
+class _AgentCollector(Collector):
+    """Reads the agent's counters at scrape time; nothing to keep in sync."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def collect(self) -> Iterator[Any]:
+        a = self.agent
+        m = a.metrics
+        for name, doc, value in (
+            ("meshd_rx_packets", "Datagrams received on the bootstrap channel", m.rx_packets),
+            ("meshd_tx_packets", "Datagrams sent on the bootstrap channel", m.tx_packets),
+            ("meshd_rx_bytes", "Bytes received on the bootstrap channel", m.rx_bytes),
+            ("meshd_tx_bytes", "Bytes sent on the bootstrap channel", m.tx_bytes),
+            ("meshd_send_errors", "Datagrams the socket refused", m.send_errors),
+            ("meshd_state_writes", "Atomic writes of state.json", m.state_writes),
+            ("meshd_joins_admitted", "Join requests this node admitted", a.node.admitted),
+        ):
+            yield CounterMetricFamily(name, doc, value=value)
+        drops = CounterMetricFamily(
+            "meshd_dropped_packets", "Inbound datagrams dropped, by reason", labels=["reason"]
+        )
+        for reason, count in sorted(a.node.drops.items(), key=lambda kv: kv[0].value):
+            drops.add_metric([reason.value], count)
+        yield drops
+        cache = a.node.store.cache
+        yield CounterMetricFamily(
+            "meshd_verify_cache_hits", "Signature checks answered from cache", value=cache.hits
+        )
+        yield CounterMetricFamily(
+            "meshd_verify_cache_misses", "Signature checks computed", value=cache.misses
+        )
+        yield GaugeMetricFamily("meshd_members", "Members in this node's view", len(a.node.store))
+        yield GaugeMetricFamily(
+            "meshd_is_leader", "1 if this node holds the cluster CA", int(a.node.is_leader)
+        )
