@@ -4,10 +4,11 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Debian packages the test suite uses (installed only when missing).
-DEB_PACKAGES := iproute2 procps
+# Debian packages `make test` needs (installed only when missing): python3-venv for the
+# venv on a bare Debian python3. Later stages add wireguard-go, nftables, dnsutils, ...
+DEB_PACKAGES := python3-venv
 
-.PHONY: setup deps demo test test-fast lint bench sim clean
+.PHONY: setup deps demo test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -27,7 +28,7 @@ deps:
 	  else echo "missing Debian packages:$$missing (run as root to install)"; exit 1; fi; \
 	fi
 
-demo: setup
+demo: deps setup
 	$(BIN)/meshd demo --nodes $${NODES:-5} $${DURATION:+--duration $$DURATION}
 
 lint: setup
@@ -35,7 +36,7 @@ lint: setup
 	$(BIN)/ruff format --check meshd tests benchmarks simulations
 	$(BIN)/mypy --strict meshd/core
 
-test: setup deps lint
+test: deps setup lint
 	$(BIN)/pytest -q
 
 test-fast: setup

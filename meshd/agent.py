@@ -9,6 +9,7 @@ reply safe to send: the address it hands out is on disk first.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -23,6 +24,7 @@ import structlog
 
 from meshd import persist
 from meshd.core import node as core
+from meshd.core.admission import cluster_id
 from meshd.core.join import Addr
 from meshd.core.node import Node
 from meshd.core.wire import split_hostport
@@ -331,8 +333,6 @@ class Agent:
 
 
 def node_cluster_id(node: Node) -> str:
-    from meshd.core.admission import cluster_id
-
     return cluster_id(node.ca_public).hex()
 
 
@@ -342,6 +342,4 @@ def _name_of(node: Node, nid: bytes) -> str | None:
 
 
 def _b64(raw: bytes) -> str:
-    import base64
-
     return base64.b64encode(raw).decode()

@@ -26,7 +26,7 @@ from typing import Any
 import structlog
 
 from meshd import __version__, persist
-from meshd.agent import RUN_FILE, Agent, format_hostport, parse_hostport
+from meshd.agent import RUN_FILE, Agent, format_hostport, node_cluster_id, parse_hostport
 from meshd.core.admission import TokenError, mint_token
 from meshd.core.crypto import SigningKey, WireGuardKey
 from meshd.core.ipam import AddressPlan, IpamError
@@ -343,8 +343,6 @@ def _node_config(settings: dict[str, Any]) -> NodeConfig:
 
 
 def _print_identity(node: Node, what: str) -> None:
-    from meshd.agent import node_cluster_id
-
     v4, v6 = node.addresses()
     print(f"{what} (cluster {node_cluster_id(node)})")
     print(f"name  {node.config.name}")

@@ -28,7 +28,7 @@ import enum
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Final
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -537,8 +537,3 @@ class JoinClient:
         if self._heard_from:
             return f"join timed out: seeds answered but never completed the join ({seeds})"
         return f"no seed answered ({seeds}); is meshd running there and the port reachable?"
-
-
-def grant_fields(grant: JoinGrant) -> dict[str, Any]:
-    """Debug view of a grant without secrets (for logs)."""
-    return {"seed": grant.seed.hex(), "members": len(grant.records), "zone": grant.zone}
