@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -231,3 +232,27 @@ def test_env_and_config_file(cluster: LocalCluster, tmp_path: Path) -> None:
         capture_output=True, text=True, env=env, timeout=60, check=False,
     )  # fmt: skip
     assert res.returncode == 0 and "name  fromflag" in res.stdout  # flag beats env
+
+
+def test_up_joins_once_then_just_runs(cluster: LocalCluster, tmp_path: Path) -> None:
+    started_leader(cluster)
+    tok = cluster.token("leader")
+    d, port, http = tmp_path / "up", free_port(), free_port(socket.SOCK_STREAM)
+    args = [
+        sys.executable, "-m", "meshd", "up", "--data-dir", str(d), "--name", "upnode",
+        "--listen", f"127.0.0.1:{port}", "--http", f"127.0.0.1:{http}",
+        "--seed", f"127.0.0.1:{cluster.udp['leader']}", "--token", tok,
+    ]  # fmt: skip
+    for attempt in range(2):  # the second `up` must not try to join again
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            cluster.procs["upnode"] = proc
+            cluster.http["upnode"] = http
+            cluster.wait_http("upnode")
+            st = status(cluster, "upnode")
+            assert st["addresses"] == {"ipv4": "10.200.0.2", "ipv6": "fd00:200::2"}, attempt
+        finally:
+            assert cluster.stop("upnode") == 0
+    cluster.wait_converged(["leader"])
+    names = {m["name"] for m in cluster.get("leader", "/v1/members")["members"]}
+    assert names == {"leader", "upnode"}
