@@ -439,7 +439,7 @@ class Node:
         self._out.append((join.encode_error(req.request_id, code, secret), addr))
 
     def _token_use(self, claims: TokenClaims, joiner: bytes, now: float) -> str | _Wait | None:
-        """None: allowed. str: refused. _WAIT: asked the issuer, the joiner's retry will see."""
+        """None: allowed. str: refused. WAIT: asked the issuer; the joiner's retry will see."""
         if claims.issuer == self.sign.node_id:
             refusal = self.ledger.consume(claims, joiner, now)
             self.dirty = True
@@ -674,29 +674,39 @@ class Node:
         blocks = wire.as_list(m.get("blocks", []), "blocks", 4096)
         if blocks and self.lease_table is not None and self.ca is not None:
             asg = wire.as_map(m.get("asg", {}), "assignments")
+            refused = []
             for block in blocks:
                 if not isinstance(block, int) or self.lease_table.holder_of(block) != who:
                     continue
-                self.lease_table.release(block, who)
                 kept = {
                     k: v
                     for k, v in asg.items()
                     if isinstance(v, int) and _in_block(self.plan, v, block)
                 }
                 if kept:  # members still live there: the leader adopts the block
+                    try:  # validate before touching anything: bad offsets change nothing
+                        adopted = BlockAllocator(
+                            self.plan,
+                            [*self.allocator.blocks(), block],
+                            {**self.allocator.assignments(), **kept},
+                        )
+                    except IpamError:
+                        refused.append(block)
+                        continue
+                    self.lease_table.release(block, who)
                     self.lease_table.grant_block(block, self.sign.node_id.hex(), who, now)
-                    merged = {**self.allocator.assignments(), **kept}
-                    self.allocator = BlockAllocator(
-                        self.plan, [*self.allocator.blocks(), block], merged
-                    )
+                    self.allocator = adopted
                     seq = self._next_lease_seq(block)
                     lease = sign_lease(self.ca, block, self.sign.public, now, seq)
                     self._my_leases[block] = lease
                 else:
+                    self.lease_table.release(block, who)
                     lease = sign_lease(self.ca, block, None, now, self._next_lease_seq(block))
                 self._offer_lease(lease.blob)
                 self._push_to_all([], ack=False, leases=[lease.blob])
             self.dirty = True
+            if refused:
+                return {"ok": False, "err": f"invalid assignments for blocks {refused}"}
         return {"ok": True}
 
     def _on_response(self, rid: bytes, sender: bytes, m: dict[str, Any], now: float) -> None:

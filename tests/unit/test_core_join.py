@@ -402,3 +402,24 @@ def test_cluster_never_hands_out_an_address_twice(ops: list[tuple[str, int]], se
         offsets = [n.admission.offset for n in live.values()]
         assert len(offsets) == len(set(offsets)), offsets
         assert not any(leader.plan.is_reserved(o) for o in offsets)
+
+
+def test_release_with_bad_assignments_changes_nothing(net: Net, leader: Node) -> None:
+    """A signed release whose assignments collide must not crash or corrupt the leader."""
+    from meshd.core.node import Op
+
+    tok = token(net, leader, uses=0)
+    n2 = net.join("n2", addr(2), tok, [LEADER])
+    n3 = net.join("n3", addr(3), tok, [addr(2)])  # n2 now holds block 1
+    assert isinstance(n2, Node) and isinstance(n3, Node)
+    before_alloc = leader.allocator.to_dict()
+    before_table = leader.lease_table.to_list()  # type: ignore[union-attr]
+    # n2 claims an assignment that collides with the leader's own address (offset 1 is in
+    # block 0, not 1, so use two assignees on one offset inside block 1 plus a reserved one)
+    bad = {"blocks": [1], "asg": {"aa": 17, "bb": 17}}
+    pkt = n2._control_packet(Op.RELEASE, b"\x00" * 8, bad)
+    leader.receive(pkt, addr(2), net.now)
+    assert leader.allocator.to_dict() == before_alloc
+    assert leader.lease_table.to_list() == before_table  # type: ignore[union-attr]
+    (reply, _), *_ = leader.datagrams_to_send()
+    assert reply[1] == Kind.SEALED
