@@ -121,9 +121,9 @@ def test_unreachable_seed_and_bad_options(cluster: LocalCluster, tmp_path: Path)
     assert "no seed answered" in res.stderr and f"127.0.0.1:{dead}" in res.stderr
     assert our_files(d) == []
     for args, message in [
-        (["--cidr", "10.9.0.0/31"], "too small"),
+        (["--cidr", "10.9.0.0/31"], "no room for a mesh"),
         (["--cidr", "10.9.0.1/16"], "host bits"),
-        (["--cidr", "127.0.0.0/16"], "reserved"),
+        (["--cidr", "127.0.0.0/16"], "loopback"),
         (["--cidr6", "fd00::/120"], "too small to mirror"),
         (["--name", "Not A Label!"], "DNS label"),
         (["--listen", "127.0.0.1:99999"], "invalid port"),
