@@ -40,6 +40,7 @@ TOKEN_PREFIX: Final = "meshd1"
 TOKEN_ID_LEN: Final = 8
 TOKEN_SECRET_LEN: Final = 16
 CLUSTER_ID_LEN: Final = 8
+MAX_TOKEN_USES: Final = 2**31
 
 
 def cluster_id(ca_public: bytes) -> bytes:
@@ -184,6 +185,8 @@ def verify_admission(
     lease = verify_lease(SignedBlob.from_wire(m.get("lease"), "admission lease"), ca_public, plan)
     if lease.released:
         raise WireError(DropReason.BAD_SIGNATURE, "admission issued under a released lease")
+    if lease.expires is not None and lease.expires <= now:
+        raise WireError(DropReason.STALE, "admission issued under an expired lease")
     blob.check(lease.holder_key, ADMISSION_DOMAIN, "admission")
     sign_key = wire.bin_field(m, "sk", PUB_LEN)
     subject = wire.bin_field(m, "sub", NODE_ID_LEN)
@@ -237,7 +240,7 @@ class TokenClaims:
             cluster=wire.bin_field(m, "cl", CLUSTER_ID_LEN),
             issued_at=wire.num_field(m, "iat"),
             expires=wire.num_field(m, "exp"),
-            max_uses=wire.int_field(m, "uses", 0, 2**31),
+            max_uses=wire.int_field(m, "uses", 0, MAX_TOKEN_USES),
             raw=raw,
         )
 
@@ -257,10 +260,10 @@ def mint_token(
     max_uses: int,
 ) -> tuple[str, TokenClaims]:
     """Return the token string (``meshd1.<claims>.<secret>``) and its claims."""
-    if ttl <= 0:
-        raise TokenError("a token's time to live must be positive")
-    if max_uses < 0:
-        raise TokenError("a token's use count cannot be negative")
+    if not 0 < ttl < 100 * 365 * 86400:  # also refuses NaN and infinity
+        raise TokenError("a token's time to live must be positive and under 100 years")
+    if not 0 <= max_uses <= MAX_TOKEN_USES:
+        raise TokenError(f"a token's use count must be between 0 and {MAX_TOKEN_USES}")
     raw = wire.pack(
         {
             "id": token_id,

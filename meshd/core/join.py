@@ -72,6 +72,7 @@ class JoinErrorCode(enum.IntEnum):
     WRONG_CLUSTER = 4
     REFUSED = 5
     BAD_REQUEST = 6
+    NO_ADDRESSES = 7
     TRY_AGAIN = 64
 
 
@@ -82,6 +83,7 @@ ERROR_TEXT: Final = {
     JoinErrorCode.WRONG_CLUSTER: "the join token belongs to a different cluster than the seed",
     JoinErrorCode.REFUSED: "the seed refused the join",
     JoinErrorCode.BAD_REQUEST: "the seed could not parse the join request",
+    JoinErrorCode.NO_ADDRESSES: "the cluster has no free overlay addresses (every block is leased)",
     JoinErrorCode.TRY_AGAIN: "the seed is not ready to admit yet",
 }
 
@@ -240,11 +242,19 @@ def _reply_key(shared: bytes, secret: bytes, request_id: bytes) -> bytes:
     return hkdf(shared, salt=secret, info=b"meshd join reply v1" + request_id)
 
 
+def _exchange(key: WireGuardKey, peer_public: bytes) -> bytes:
+    """X25519 with the peer's ephemeral key; a low-order key (all-zero secret) is refused."""
+    try:
+        return key.exchange(peer_public)
+    except ValueError:
+        raise WireError(DropReason.MALFORMED, "ephemeral key is a low-order point") from None
+
+
 def seal_reply(
     payload: bytes, request_id: bytes, secret: bytes, joiner_eph: bytes, seed_eph: WireGuardKey
 ) -> list[bytes]:
     """Encrypt the grant to the joiner and split it into JOIN_REPLY datagrams."""
-    key = _reply_key(seed_eph.exchange(joiner_eph), secret, request_id)
+    key = _reply_key(_exchange(seed_eph, joiner_eph), secret, request_id)
     ct = AESGCM(key).encrypt(bytes(12), payload, request_id)
     chunks = [ct[i : i + CHUNK_DATA] for i in range(0, len(ct), CHUNK_DATA)]
     if len(chunks) > MAX_CHUNKS:
@@ -486,7 +496,7 @@ class JoinClient:
 
     def _on_error(self, data: bytes, addr: Addr) -> None:
         rid, code, authed = decode_error(data, self._secret)
-        if rid != self.request_id:
+        if rid != self.request_id or addr not in self._seeds:
             raise WireError(DropReason.UNEXPECTED, "error for another request")
         self._heard_from.add(addr)
         text = f"{ERROR_TEXT[code]} (seed {addr[0]}:{addr[1]})"
@@ -512,7 +522,7 @@ class JoinClient:
             return
         del self._assembly[addr]
         ct = b"".join(asm.parts[i] for i in range(asm.total))
-        key = _reply_key(self._reply_key.exchange(asm.seed_eph), self._secret, self.request_id)
+        key = _reply_key(_exchange(self._reply_key, asm.seed_eph), self._secret, self.request_id)
         try:
             payload = AESGCM(key).decrypt(bytes(12), ct, self.request_id)
         except InvalidTag:

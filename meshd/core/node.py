@@ -46,6 +46,7 @@ CONTROL_ATTEMPTS: Final = 6
 PUSH_BUDGET: Final = 1_200
 MAX_GRANT_BYTES: Final = join.CHUNK_DATA * 200
 PARKED_MAX: Final = 256
+NO_BLOCK_HOLDOFF: Final = 10.0
 
 
 class Op(enum.Enum):
@@ -171,7 +172,7 @@ class Node:
         #: Join requests waiting on a control round trip (token use, block lease),
         #: finished as soon as the answer arrives instead of at the joiner's next retry.
         self._parked: OrderedDict[bytes, tuple[bytes, Addr]] = OrderedDict()
-        self._lease_wanted = False
+        self._no_block_until = 0.0
         self._leaving = False
         #: Critical state changed (allocations, token uses, own leases, seq): persist
         #: before sending anything. ``view_dirty``: only the cached view changed.
@@ -406,6 +407,9 @@ class Node:
             return
         admission = self._admit(req, now)
         if admission is None:
+            if now < self._no_block_until:
+                self._join_error(req, addr, JoinErrorCode.NO_ADDRESSES, secret)
+                return
             self._park(req.joiner, data, addr)
             self._join_error(req, addr, JoinErrorCode.TRY_AGAIN, secret)
             return
@@ -475,9 +479,19 @@ class Node:
 
     def _want_block(self, now: float) -> None:
         if self.lease_table is not None and self.ca is not None:
-            self._install_lease(self._grant_block(self.sign.public, now), now)
+            try:
+                lease = self._grant_block(self.sign.public, now)
+            except IpamError as exc:  # every block of the plan is leased
+                self._lease_refused(str(exc), now)
+                return
+            self._install_lease(lease, now)
         elif not any(p.op is Op.LEASE for p in self._pending.values()):
             self._request(self.leader, Op.LEASE, {}, now)
+
+    def _lease_refused(self, reason: str, now: float) -> None:
+        """No block to be had: joiners get a clear NO_ADDRESSES for a while, not a timeout."""
+        self._no_block_until = now + NO_BLOCK_HOLDOFF
+        self._events.append(ControlFailed(Op.LEASE.value, reason))
 
     def _grant_block(self, holder_key: bytes, now: float) -> Lease:
         assert self.lease_table is not None and self.ca is not None
@@ -684,11 +698,13 @@ class Node:
                     if isinstance(v, int) and _in_block(self.plan, v, block)
                 }
                 if kept:  # members still live there: the leader adopts the block
+                    current = self.allocator.assignments()
+                    if kept.keys() & current.keys():  # would move an address assigned here
+                        refused.append(block)
+                        continue
                     try:  # validate before touching anything: bad offsets change nothing
                         adopted = BlockAllocator(
-                            self.plan,
-                            [*self.allocator.blocks(), block],
-                            {**self.allocator.assignments(), **kept},
+                            self.plan, [*self.allocator.blocks(), block], {**current, **kept}
                         )
                     except IpamError:
                         refused.append(block)
@@ -721,7 +737,8 @@ class Node:
             self._unpark(now)
         elif p.op is Op.LEASE:
             if not ok:
-                self._events.append(ControlFailed(p.op.value, err or "lease refused"))
+                self._lease_refused(err or "lease refused", now)
+                self._unpark(now)
                 return
             lease = self.store.verify_lease(SignedBlob.from_wire(m.get("lease"), "lease"))
             self._install_lease(lease, now)

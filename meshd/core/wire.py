@@ -155,12 +155,16 @@ def unpack(
 
 
 def _check_depth(obj: Any, max_depth: int) -> None:
+    """Nesting at most ``max_depth`` deep and string map keys only (msgpack's
+    ``strict_map_key`` still lets ``bin`` keys through)."""
     stack: list[tuple[Any, int]] = [(obj, 1)]
     while stack:
         item, depth = stack.pop()
         if isinstance(item, list | dict):
             if depth > max_depth:
                 raise WireError(DropReason.MALFORMED, f"nesting deeper than {max_depth}")
+            if isinstance(item, dict) and not all(isinstance(k, str) for k in item):
+                raise WireError(DropReason.MALFORMED, "map key is not a string")
             children: Iterable[Any] = item.values() if isinstance(item, dict) else item
             stack.extend((child, depth + 1) for child in children)
 

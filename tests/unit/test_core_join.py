@@ -423,3 +423,19 @@ def test_release_with_bad_assignments_changes_nothing(net: Net, leader: Node) ->
     assert leader.lease_table.to_list() == before_table  # type: ignore[union-attr]
     (reply, _), *_ = leader.datagrams_to_send()
     assert reply[1] == Kind.SEALED
+
+
+def test_cluster_full_gives_clear_error(net: Net) -> None:
+    """One /28 block: 13 joiners fit beside the leader; the next gets NO_ADDRESSES, via any seed."""
+    from meshd.core.ipam import AddressPlan
+
+    leader = net.init("leader", LEADER, AddressPlan.parse("10.50.0.0/28", "fd00:50::/124"))
+    tok = token(net, leader, uses=0)
+    for i in range(2, 15):
+        assert isinstance(net.join(f"n{i}", addr(i), tok, [LEADER]), Node)
+    res = net.join("full", addr(40), tok, [LEADER])
+    assert isinstance(res, JoinFailed) and "no free overlay addresses" in res.reason
+    res = net.join("full2", addr(41), tok, [addr(2)])  # n2 must ask the leader for a block
+    assert isinstance(res, JoinFailed) and "no free overlay addresses" in res.reason
+    offsets = [n.admission.offset for n in net.nodes.values()]
+    assert sorted(offsets) == list(range(1, 15))
