@@ -25,9 +25,8 @@ import structlog
 from meshd import persist
 from meshd.core import node as core
 from meshd.core.admission import cluster_id
-from meshd.core.join import Addr
 from meshd.core.node import Node
-from meshd.core.wire import split_hostport
+from meshd.core.wire import Addr, format_hostport, split_hostport
 from meshd.state import DataDir, atomic_write
 
 log = structlog.get_logger("meshd.agent")
@@ -41,11 +40,6 @@ def parse_hostport(text: str, default_port: int | None = None) -> Addr:
     """User-supplied ``host:port``; an empty host means every address."""
     host, port = split_hostport(text, default_port)
     return host or "0.0.0.0", port
-
-
-def format_hostport(addr: Addr) -> str:
-    host, port = addr
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass

@@ -26,13 +26,13 @@ from typing import Any
 import structlog
 
 from meshd import __version__, persist
-from meshd.agent import RUN_FILE, Agent, format_hostport, node_cluster_id, parse_hostport
+from meshd.agent import RUN_FILE, Agent, node_cluster_id, parse_hostport
 from meshd.core.admission import TokenError, mint_token
 from meshd.core.crypto import SigningKey, WireGuardKey
 from meshd.core.ipam import AddressPlan, IpamError
 from meshd.core.join import JoinClient, JoinFailed, JoinSucceeded
 from meshd.core.node import Node, NodeConfig
-from meshd.core.wire import Keyring
+from meshd.core.wire import Keyring, format_hostport
 from meshd.state import DataDir, StateError
 
 DEFAULTS: dict[str, Any] = {

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from meshd.core.join import Addr
+from meshd.core.wire import Addr
 
 if TYPE_CHECKING:
     from meshd.agent import Agent

@@ -49,9 +49,7 @@ from meshd.core.crypto import (
     verify,
 )
 from meshd.core.ipam import AddressPlan, IpamError
-from meshd.core.wire import DropReason, Kind, WireError
-
-Addr = tuple[str, int]
+from meshd.core.wire import Addr, DropReason, Kind, WireError
 
 REQUEST_DOMAIN: Final = b"meshd join request v1"
 REQUEST_ID_LEN: Final = 16

@@ -33,9 +33,9 @@ from meshd.core.admission import (
 )
 from meshd.core.crypto import NODE_ID_LEN, PUB_LEN, SignedBlob, SigningKey, WireGuardKey, node_id
 from meshd.core.ipam import AddressPlan, BlockAllocator, IpamError, LeaseTable, NoAvailableIps
-from meshd.core.join import Addr, JoinErrorCode, JoinGrant
+from meshd.core.join import JoinErrorCode, JoinGrant
 from meshd.core.records import Merge, PeerRecord, RecordStore, sign_record
-from meshd.core.wire import DropReason, Keyring, Kind, RandomBytes, WireError
+from meshd.core.wire import Addr, DropReason, Keyring, Kind, RandomBytes, WireError
 
 CONTROL_DOMAIN: Final = b"meshd control v1"
 COOKIE_PERIOD: Final = 30.0

@@ -42,6 +42,9 @@ MAX_MAP: Final = 64
 MAX_DEPTH: Final = 8
 
 RandomBytes = Callable[[int], bytes]
+Addr = tuple[str, int]
+#: Longest ``host:port`` text accepted from the network.
+MAX_ENDPOINT: Final = 64
 
 
 class Kind(enum.IntEnum):
@@ -250,18 +253,34 @@ def split_hostport(text: str, default_port: int | None = None) -> tuple[str, int
     return host, int(port_text)
 
 
+def format_hostport(addr: Addr) -> str:
+    """``host:port``, bracketing IPv6 hosts so :func:`split_hostport` reads it back."""
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_endpoint(text: Any, what: str) -> Addr:
+    """An untrusted ``host:port`` (at most 64 characters, non-empty host) or WireError."""
+    if not isinstance(text, str) or len(text) > MAX_ENDPOINT:
+        raise WireError(DropReason.MALFORMED, f"{what} must be a short host:port string")
+    try:
+        host, port = split_hostport(text)
+    except ValueError as exc:
+        raise WireError(DropReason.MALFORMED, f"{what}: {exc}") from None
+    if not host:
+        raise WireError(DropReason.MALFORMED, f"{what}: empty host")
+    return host, port
+
+
+def addr_field(m: Mapping[str, Any], name: str) -> Addr:
+    return parse_endpoint(field(m, name, str), name)
+
+
 def endpoints_field(m: Mapping[str, Any], name: str, max_len: int) -> list[str]:
     """A list of at most ``max_len`` ``host:port`` strings, each one parseable."""
     items = as_list(field(m, name, list), name, max_len)
     for item in items:
-        if not isinstance(item, str) or len(item) > 64:
-            raise WireError(DropReason.MALFORMED, f"{name} must be short strings")
-        try:
-            host, _ = split_hostport(item)
-        except ValueError as exc:
-            raise WireError(DropReason.MALFORMED, f"{name}: {exc}") from None
-        if not host:
-            raise WireError(DropReason.MALFORMED, f"{name}: empty host")
+        parse_endpoint(item, name)
     return items
 
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 from meshd.core.crypto import SigningKey, WireGuardKey
 from meshd.core.ipam import AddressPlan
-from meshd.core.join import Addr, JoinClient, JoinFailed, JoinSucceeded
+from meshd.core.join import JoinClient, JoinFailed, JoinSucceeded
 from meshd.core.node import Event, Node, NodeConfig
-from meshd.core.wire import Keyring
+from meshd.core.wire import Addr, Keyring
 
 
 class Rand:

@@ -1,0 +1,1043 @@
+"""SWIM failure detection with Lifeguard, as a sans-I/O state machine.
+
+One :class:`Membership` per node. The owner feeds it decoded message maps with
+``receive(body, addr, now)`` and wakes it at ``get_timer()`` with
+``handle_timer(now)``; it answers with ``messages_to_send()`` (maps the owner
+seals and sends) and ``next_event()``. Time is always an argument and randomness
+an injected :class:`random.Random`, so a simulator can run thousands of
+instances deterministically (the aioquic model, see ``docs/architecture.md``).
+
+Where the rules come from:
+
+* SWIM (Das, Gupta, Motivala 2002): randomized round-robin probing (section 4.3),
+  direct ping then ``ping_req`` through k members (section 3.1), the suspicion
+  sub-protocol with incarnation numbers (section 4.2) and infection-style
+  dissemination piggybacked on protocol messages (section 4.1).
+* Lifeguard (Dadgar, Phillips, Currey 2018): local health awareness scaling the
+  probe interval and timeout (LHA-Probe), suspicion timeouts that shrink with
+  independent confirmations (LHA-Suspicion), nacks from ``ping_req`` relays and
+  the suspect message sent along with a ping to a suspect member (Buddy System).
+* hashicorp/memberlist is the reference for defaults and formulas:
+  ``suspicionTimeout``, ``remainingSuspicionTime``, ``retransmitLimit``,
+  ``TransmitLimitedQueue``, ``awareness``, ``probeNode``, ``gossip``,
+  ``aliveNode`` / ``suspectNode`` / ``deadNode`` / ``refute``.
+
+Cost: every message and timer is O(log q) in the broadcast queue size or O(k)
+in the fan-out; only the start of a probe round (shuffle) and :meth:`members`
+are O(n).
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import math
+import random
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from meshd.core import wire
+from meshd.core.wire import Addr, DropReason, WireError
+
+#: Sequence numbers of pings are 32-bit and wrap (memberlist uses uint32).
+SEQ_MOD: Final = 2**32
+#: At most this many piggyback items are read from one message.
+MAX_PIGGYBACK: Final = 512
+#: ``ping_req`` relays in flight at once; more are refused (bounds a relay's memory).
+MAX_RELAYS: Final = 1_024
+#: A relay nacks at this fraction of the probe timeout (Lifeguard, footnote to section IV-A),
+#: so that the nack reaches the origin before the end of its protocol period.
+NACK_FRACTION: Final = 0.8
+#: Message kinds and membership item kinds on the wire.
+PING: Final = "ping"
+ACK: Final = "ack"
+PING_REQ: Final = "ping_req"
+NACK: Final = "nack"
+GOSSIP: Final = "gossip"
+MEMBER_ITEM_KINDS: Final = frozenset({"alive", "suspect", "dead", "left"})
+
+# "g" key (fixstr, 2 bytes) + array16 header (3 bytes): what adding piggyback costs
+# beyond the items themselves (the map header stays a fixmap).
+_G_OVERHEAD: Final = 5
+# Stop filling a packet once less than this is left (no item is smaller).
+_MIN_ITEM: Final = 16
+# Items examined that did not fit before a packet is declared full.
+_MAX_SKIPS: Final = 32
+
+
+class MemberState(enum.Enum):
+    ALIVE = "alive"
+    SUSPECT = "suspect"
+    DEAD = "dead"
+    LEFT = "left"
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Every timer of the protocol. Defaults are memberlist's ``DefaultLANConfig``."""
+
+    probe_interval: float = 1.0
+    probe_timeout: float = 0.5
+    indirect_checks: int = 3
+    gossip_interval: float = 0.2
+    gossip_nodes: int = 3
+    suspicion_mult: float = 4.0
+    suspicion_max_mult: float = 6.0
+    retransmit_mult: int = 4
+    awareness_max: int = 8
+    gossip_to_dead: float = 30.0
+    tombstone_ttl: float = 3600.0
+    lifeguard: bool = True
+    max_packet: int = 1_200
+
+    def __post_init__(self) -> None:
+        for name in ("probe_interval", "probe_timeout", "gossip_interval", "suspicion_mult"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive")
+        if self.probe_timeout > self.probe_interval:
+            raise ValueError("probe_timeout must not exceed probe_interval")
+        if self.suspicion_max_mult < 1:
+            raise ValueError("suspicion_max_mult must be at least 1")
+        for name in ("indirect_checks", "gossip_nodes", "retransmit_mult"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+        if self.awareness_max < 1:
+            raise ValueError("awareness_max must be at least 1")
+        if self.gossip_to_dead < 0 or self.tombstone_ttl < 0:
+            raise ValueError("gossip_to_dead and tombstone_ttl must not be negative")
+        if self.max_packet < 256:
+            raise ValueError("max_packet must be at least 256 bytes")
+
+
+PROFILES: Final[dict[str, Timing]] = {
+    # memberlist DefaultLANConfig.
+    "lan": Timing(),
+    # memberlist DefaultWANConfig: slower probes, more gossip fan-out, longer suspicion.
+    "wan": Timing(
+        probe_interval=5.0,
+        probe_timeout=3.0,
+        gossip_interval=0.5,
+        gossip_nodes=4,
+        suspicion_mult=6.0,
+        gossip_to_dead=60.0,
+    ),
+    # Fast timers for tests, demos and simulations on one machine.
+    "local": Timing(probe_interval=0.2, probe_timeout=0.1, gossip_interval=0.05),
+}
+
+
+# ---------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class MemberJoined:
+    """A member not in the view before (from ``add_member`` or an alive item)."""
+
+    node_id: bytes
+    addr: Addr
+
+
+@dataclass(frozen=True)
+class MemberStateChanged:
+    node_id: bytes
+    old: MemberState
+    new: MemberState
+    incarnation: int
+
+
+@dataclass(frozen=True)
+class MemberAddressChanged:
+    """An alive message with a higher incarnation carried a new address."""
+
+    node_id: bytes
+    addr: Addr
+
+
+@dataclass(frozen=True)
+class MemberRemoved:
+    """A DEAD or LEFT member's tombstone expired; the view forgot it."""
+
+    node_id: bytes
+
+
+@dataclass(frozen=True)
+class Piggyback:
+    """An opaque item (one the owner queued with ``broadcast`` somewhere) arrived.
+
+    It is *not* re-gossiped automatically: the owner verifies it and, if it is new,
+    calls :meth:`Membership.broadcast` itself (memberlist's delegate model), so
+    unverified items never spread further than one hop.
+    """
+
+    item: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Refuted:
+    """This node was accused at ``accused`` and answered with a new incarnation."""
+
+    incarnation: int
+    accused: int
+
+
+Event = (
+    MemberJoined | MemberStateChanged | MemberAddressChanged | MemberRemoved | Piggyback | Refuted
+)
+
+
+@dataclass(frozen=True)
+class MemberView:
+    node_id: bytes
+    addr: Addr
+    state: MemberState
+    incarnation: int
+    since: float
+
+
+# -------------------------------------------------------------------------- formulas
+
+
+def suspicion_bounds(timing: Timing, n: int) -> tuple[float, float]:
+    """(min, max) suspicion timeout for a cluster of ``n`` (memberlist ``suspicionTimeout``):
+    ``min = mult * max(1, log10(max(1, n))) * probe_interval``, ``max = max_mult * min``."""
+    node_scale = max(1.0, math.log10(max(1, n)))
+    low = timing.suspicion_mult * node_scale * timing.probe_interval
+    return low, timing.suspicion_max_mult * low
+
+
+def suspicion_timeout(low: float, high: float, confirmations: int, k: int) -> float:
+    """Lifeguard LHA-Suspicion (memberlist ``remainingSuspicionTime``, not yet minus elapsed):
+    starts at ``high`` and falls logarithmically to ``low`` as ``k`` confirmations arrive."""
+    if k < 1:
+        return low
+    frac = math.log(confirmations + 1) / math.log(k + 1)
+    return max(low, high - frac * (high - low))
+
+
+def expected_confirmations(timing: Timing, n: int) -> int:
+    """K = suspicion_mult - 2 (memberlist ``suspectNode``), 0 if the other ``n - 2`` members
+    cannot provide that many or Lifeguard is off (then the timeout is fixed at ``min``)."""
+    k = int(timing.suspicion_mult) - 2
+    if not timing.lifeguard or k < 1 or n - 2 < k:
+        return 0
+    return k
+
+
+def retransmit_limit(mult: int, n: int) -> int:
+    """How often one piggyback item is sent: ``mult * ceil(log10(n + 1))`` (memberlist)."""
+    return mult * math.ceil(math.log10(n + 1))
+
+
+# ------------------------------------------------------------------- internal state
+
+
+class _Bag:
+    """A set with O(1) add, remove and uniform random pick (list + index map)."""
+
+    __slots__ = ("items", "pos")
+
+    def __init__(self) -> None:
+        self.items: list[bytes] = []
+        self.pos: dict[bytes, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def add(self, x: bytes) -> None:
+        if x not in self.pos:
+            self.pos[x] = len(self.items)
+            self.items.append(x)
+
+    def discard(self, x: bytes) -> None:
+        i = self.pos.pop(x, None)
+        if i is None:
+            return
+        last = self.items.pop()
+        if i < len(self.items):
+            self.items[i] = last
+            self.pos[last] = i
+
+
+class _Suspicion:
+    """One suspicion timer (memberlist ``suspicion``): who accused, who confirmed, when."""
+
+    __slots__ = ("accusers", "deadline", "high", "k", "low", "start")
+
+    def __init__(self, start: float, k: int, low: float, high: float, by: bytes) -> None:
+        self.start = start
+        self.k = k
+        self.low = low
+        self.high = high
+        # The first accuser is excluded from confirmations, as in memberlist.
+        self.accusers = {by}
+        self.deadline = start + (high if k >= 1 else low)
+
+    def confirm(self, by: bytes) -> bool:
+        """Count an independent accuser; True if the deadline moved (worth re-gossiping)."""
+        confirmations = len(self.accusers) - 1
+        if confirmations >= self.k or by in self.accusers:
+            return False
+        self.accusers.add(by)
+        timeout = suspicion_timeout(self.low, self.high, confirmations + 1, self.k)
+        self.deadline = self.start + timeout
+        return True
+
+
+class _Member:
+    __slots__ = ("addr", "inc", "node_id", "since", "state", "susp")
+
+    def __init__(self, node_id: bytes, addr: Addr, inc: int, now: float) -> None:
+        self.node_id = node_id
+        self.addr = addr
+        self.inc = inc
+        self.state = MemberState.ALIVE
+        self.since = now
+        self.susp: _Suspicion | None = None
+
+
+@dataclass(slots=True)
+class _Probe:
+    target: bytes
+    seq: int
+    inc: int
+    timeout_at: float
+    deadline: float
+    indirect: bool = False
+    relays: set[bytes] = field(default_factory=set)
+    nacks: set[bytes] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class _Relay:
+    origin: Addr
+    origin_seq: int
+    target: bytes
+    expires: float  # a late ack is still forwarded until then
+    due: float  # the pending timer: the nack, then the expiry
+    nacked: bool
+
+
+_Key = tuple[int, bytes]
+_MEMBER_KEY: Final = 0
+_OWNER_KEY: Final = 1
+
+
+class _Bcast:
+    __slots__ = ("id", "item", "size", "transmits")
+
+    def __init__(self, item: dict[str, Any], size: int, bid: int) -> None:
+        self.item = item
+        self.size = size
+        self.id = bid
+        self.transmits = 0
+
+
+class _Broadcasts:
+    """memberlist's ``TransmitLimitedQueue``: least-transmitted first, newest first among
+    equals; a new item under the same key replaces the old one; an item is dropped after
+    ``limit`` transmissions. A heap with lazy deletion keeps every operation O(log q)."""
+
+    __slots__ = ("_heap", "_items", "_next_id")
+
+    def __init__(self) -> None:
+        self._items: dict[_Key, _Bcast] = {}
+        self._heap: list[tuple[int, int, _Key]] = []
+        self._next_id = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, key: _Key, item: dict[str, Any], size: int) -> None:
+        self._next_id += 1
+        self._items[key] = _Bcast(item, size, self._next_id)
+        heapq.heappush(self._heap, (0, -self._next_id, key))
+        if len(self._heap) > 2 * len(self._items) + 64:
+            self._heap = [(b.transmits, -b.id, k) for k, b in self._items.items()]
+            heapq.heapify(self._heap)
+
+    def take(self, budget: int, limit: int) -> list[dict[str, Any]]:
+        """Items fitting in ``budget`` bytes, each counted as one more transmission."""
+        out: list[dict[str, Any]] = []
+        back: list[tuple[int, int, _Key]] = []
+        skips = 0
+        heap, items = self._heap, self._items
+        while heap and budget >= _MIN_ITEM and skips < _MAX_SKIPS:
+            entry = heapq.heappop(heap)
+            transmits, neg_id, key = entry
+            b = items.get(key)
+            if b is None or b.id != -neg_id or b.transmits != transmits:
+                continue  # replaced or already re-queued: a stale heap entry
+            if b.transmits >= limit:
+                del items[key]
+                continue
+            if b.size > budget:
+                back.append(entry)
+                skips += 1
+                continue
+            budget -= b.size
+            out.append(b.item)
+            b.transmits += 1
+            if b.transmits >= limit:
+                del items[key]
+            else:
+                back.append((b.transmits, neg_id, key))
+        for entry in back:
+            heapq.heappush(heap, entry)
+        return out
+
+
+# Timer heap entry kinds.
+_T_SUSPECT: Final = 0
+_T_RELAY: Final = 1
+_T_TOMB: Final = 2
+_T_DEAD_GOSSIP: Final = 3
+
+_Timer = tuple[float, int, int, bytes, Any]
+
+
+class Membership:
+    """SWIM + Lifeguard membership of one node.
+
+    ``self_id`` is this node's id; ids of other members must have the same length
+    (16 bytes in meshd). ``incarnation`` must be higher than any this node used before
+    a restart (the owner persists it), so the restarted node overrides its old DEAD.
+    """
+
+    def __init__(
+        self,
+        self_id: bytes,
+        self_addr: Addr,
+        timing: Timing,
+        rng: random.Random,
+        now: float,
+        incarnation: int = 0,
+    ) -> None:
+        if not self_id:
+            raise ValueError("self_id must not be empty")
+        self.self_id = self_id
+        self.self_addr = self_addr
+        self.timing = timing
+        self._rng = rng
+        self._id_len = len(self_id)
+        self._inc = incarnation
+        self._left = False
+        self._since = now
+        self._members: dict[bytes, _Member] = {}
+        self._alive = _Bag()
+        self._suspect = _Bag()
+        self._recent_dead = _Bag()  # DEAD for less than gossip_to_dead: still gossiped to
+        self._probe_list: list[bytes] = []
+        self._probe_idx = 0
+        self._probe: _Probe | None = None
+        self._relays: dict[int, _Relay] = {}
+        self._seq = rng.randrange(SEQ_MOD)
+        self._timers: list[_Timer] = []
+        self._timer_count = 0
+        self._bq = _Broadcasts()
+        self._out: list[tuple[dict[str, Any], Addr]] = []
+        self._events: deque[Event] = deque()
+        #: Lifeguard local health (memberlist ``awareness``): 0 is healthy.
+        self.local_health = 0
+        #: Dropped inbound messages or items by reason (``wire.DropReason`` values).
+        self.drops: dict[str, int] = {}
+        # Random phase so that nodes started together do not probe in lockstep
+        # (memberlist ``randomStagger``).
+        self._next_probe = now + rng.uniform(0, timing.probe_interval)
+        self._next_gossip = now + rng.uniform(0, timing.gossip_interval)
+        self._queue_self_alive()
+
+    # --------------------------------------------------------------------- properties
+
+    @property
+    def _self_addr_text(self) -> str:
+        return wire.format_hostport(self.self_addr)
+
+    @property
+    def incarnation(self) -> int:
+        return self._inc
+
+    @property
+    def left(self) -> bool:
+        return self._left
+
+    @property
+    def cluster_size(self) -> int:
+        """Live members including this node: the ``n`` of every log-scaled formula."""
+        return 1 + len(self._alive) + len(self._suspect)
+
+    def members(self) -> list[MemberView]:
+        """This node first, then every member in the view (tombstones included). O(n)."""
+        me = MemberState.LEFT if self._left else MemberState.ALIVE
+        out = [MemberView(self.self_id, self.self_addr, me, self._inc, self._since)]
+        out.extend(
+            MemberView(m.node_id, m.addr, m.state, m.inc, m.since) for m in self._members.values()
+        )
+        return out
+
+    def member(self, node_id: bytes) -> MemberView | None:
+        """One member's view entry, O(1)."""
+        if node_id == self.self_id:
+            return self.members()[0]
+        m = self._members.get(node_id)
+        return None if m is None else MemberView(m.node_id, m.addr, m.state, m.inc, m.since)
+
+    # ------------------------------------------------------------------------ outputs
+
+    def messages_to_send(self) -> list[tuple[dict[str, Any], Addr]]:
+        out, self._out = self._out, []
+        return out
+
+    def next_event(self) -> Event | None:
+        return self._events.popleft() if self._events else None
+
+    def get_timer(self) -> float | None:
+        times: list[float] = []
+        if not self._left:
+            times.append(self._next_probe)
+        p = self._probe
+        if p is not None:
+            times.append(p.deadline if p.indirect else p.timeout_at)
+        if self._bq:
+            times.append(self._next_gossip)
+        heap = self._timers
+        while heap and not self._timer_valid(heap[0]):
+            heapq.heappop(heap)
+        if heap:
+            times.append(heap[0][0])
+        return min(times) if times else None
+
+    # ------------------------------------------------------------------------- inputs
+
+    def add_member(self, node_id: bytes, addr: Addr, incarnation: int, now: float) -> None:
+        """A member learned from a verified record, alive at ``incarnation``.
+
+        Applies the alive rule (only a higher incarnation changes a known member) but
+        does not gossip: the owner spreads the record itself.
+        """
+        if len(node_id) != self._id_len:
+            raise ValueError(f"node ids are {self._id_len} bytes")
+        if node_id == self.self_id:
+            return
+        self._on_alive(node_id, incarnation, addr, now, gossip=False)
+
+    def receive(self, body: dict[str, Any], addr: Addr, now: float) -> None:
+        """Handle one decrypted, decoded message; malformed input is counted in ``drops``.
+
+        The message is validated completely before anything changes. Piggyback items
+        apply before the message itself, so a refutation triggered by them rides on
+        the ack this message causes.
+        """
+        try:
+            m = wire.as_map(body, "message")
+            kind = wire.field(m, "k", str)
+            raw_items: list[Any] = (
+                wire.as_list(m["g"], "piggyback", MAX_PIGGYBACK) if m.get("g") is not None else []
+            )
+            seq, to, sender, target_addr = 0, b"", b"", ("", 0)
+            if kind == GOSSIP:
+                pass
+            elif kind in (PING, ACK, NACK, PING_REQ):
+                seq = wire.int_field(m, "seq", 0, SEQ_MOD - 1)
+                sender = self._id_field(m, "from")
+                if kind in (PING, PING_REQ):
+                    to = self._id_field(m, "to")
+                if kind == PING_REQ:
+                    target_addr = wire.addr_field(m, "ta")
+            else:
+                raise WireError(DropReason.UNEXPECTED, f"unknown message kind {kind!r}")
+        except WireError as exc:
+            self._drop(exc.reason)
+            return
+        for raw in raw_items:
+            try:
+                self._on_item(raw, now)
+            except WireError as exc:
+                self._drop(exc.reason)
+        if kind == PING:
+            self._on_ping(seq, to, addr)
+        elif kind == ACK:
+            self._on_ack(seq, sender)
+        elif kind == NACK:
+            self._on_nack(seq, sender)
+        elif kind == PING_REQ:
+            self._on_ping_req(seq, to, target_addr, addr, now)
+
+    def handle_timer(self, now: float) -> None:
+        """Fire everything due at ``now``; calling it early or late is harmless."""
+        heap = self._timers
+        while heap and heap[0][0] <= now:
+            entry = heapq.heappop(heap)
+            if self._timer_valid(entry):
+                self._fire(entry, now)
+        p = self._probe
+        if p is not None and not p.indirect and now >= p.timeout_at:
+            self._indirect_probe(p, now)
+        if p is not None and now >= p.deadline:
+            self._probe_failed(p, now)
+        if not self._left and self._probe is None and now >= self._next_probe:
+            self._start_probe(now)
+        if now >= self._next_gossip and self._bq:
+            self._gossip()
+            self._next_gossip += self.timing.gossip_interval
+            if self._next_gossip <= now:
+                self._next_gossip = now + self.timing.gossip_interval
+
+    # --------------------------------------------------------------------- user calls
+
+    def leave(self, now: float) -> None:
+        """Leave gracefully: gossip LEFT about ourselves at a new incarnation, stop probing.
+
+        The node keeps answering pings and gossiping until its queue is empty, so the
+        LEFT spreads (memberlist ``Leave`` waits for the broadcast the same way).
+        """
+        if self._left:
+            return
+        self._left = True
+        self._inc += 1
+        self._since = now
+        self._probe = None
+        self._relays.clear()
+        self._queue_member(self.self_id, {"k": "left", "id": self.self_id, "inc": self._inc})
+
+    def broadcast(self, item: dict[str, Any], key: bytes) -> None:
+        """Queue an opaque item to piggyback; it replaces an older item with the same key.
+
+        The receiver reports it as :class:`Piggyback`. Raises ValueError for an item
+        that is not a map with a string ``k``, uses a membership kind, or cannot fit
+        in one packet.
+        """
+        if not isinstance(item, dict) or not isinstance(item.get("k"), str):
+            raise ValueError("a piggyback item is a map with a string field 'k'")
+        if item["k"] in MEMBER_ITEM_KINDS:
+            raise ValueError(f"'k' = {item['k']!r} is reserved for membership items")
+        size = len(wire.pack(item))
+        if size > self.timing.max_packet - 128:
+            raise ValueError(f"item of {size} bytes does not fit in one packet")
+        self._bq.put((_OWNER_KEY, key), item, size)
+
+    # ------------------------------------------------------------------------ probing
+
+    def _start_probe(self, now: float) -> None:
+        """SWIM: one probe per (health-scaled) protocol period, targets in shuffled order."""
+        scale = self._scale()
+        self._next_probe = now + self.timing.probe_interval * scale
+        target = self._next_target()
+        if target is None:
+            return
+        seq = self._next_seq()
+        self._probe = _Probe(
+            target=target.node_id,
+            seq=seq,
+            inc=target.inc,
+            timeout_at=now + self.timing.probe_timeout * scale,
+            deadline=self._next_probe,
+        )
+        extra: list[dict[str, Any]] = []
+        if target.state is MemberState.SUSPECT:
+            # Lifeguard Buddy System (memberlist probeNode): tell a suspect it is suspected
+            # so it can refute at once instead of waiting for gossip to reach it.
+            extra.append(
+                {"k": "suspect", "id": target.node_id, "inc": target.inc, "by": self.self_id}
+            )
+        msg = {"k": PING, "seq": seq, "to": target.node_id, "from": self.self_id}
+        self._send(msg, target.addr, extra)
+
+    def _next_target(self) -> _Member | None:
+        """Randomized round-robin (SWIM 4.3): walk a shuffled list, reshuffle each round."""
+        for _ in range(len(self._probe_list) + 2):
+            if self._probe_idx >= len(self._probe_list):
+                self._probe_list = self._alive.items + self._suspect.items
+                self._rng.shuffle(self._probe_list)
+                self._probe_idx = 0
+                if not self._probe_list:
+                    return None
+            node_id = self._probe_list[self._probe_idx]
+            self._probe_idx += 1
+            m = self._members.get(node_id)
+            if m is not None and m.state in (MemberState.ALIVE, MemberState.SUSPECT):
+                return m
+        return None
+
+    def _insert_probe_target(self, node_id: bytes) -> None:
+        """Put a new member at a random position among those not yet probed this round,
+        so it is probed within the current round (SWIM's time-bounded completeness)."""
+        lst = self._probe_list
+        j = self._rng.randint(self._probe_idx, len(lst))
+        if j == len(lst):
+            lst.append(node_id)
+        else:
+            lst.append(lst[j])
+            lst[j] = node_id
+
+    def _indirect_probe(self, p: _Probe, now: float) -> None:
+        """SWIM: no ack within the probe timeout, so ask k random alive members to ping."""
+        p.indirect = True
+        m = self._members.get(p.target)
+        if m is None:
+            return
+        relays = self._sample((self._alive,), self.timing.indirect_checks, {p.target})
+        for relay_id in relays:
+            relay = self._members[relay_id]
+            msg = {
+                "k": PING_REQ,
+                "seq": p.seq,
+                "to": p.target,
+                "ta": wire.format_hostport(m.addr),
+                "from": self.self_id,
+            }
+            self._send(msg, relay.addr)
+        p.relays = set(relays)
+
+    def _probe_failed(self, p: _Probe, now: float) -> None:
+        """No ack by the end of the period: update health, then suspect the target."""
+        self._probe = None
+        if self.timing.lifeguard:
+            # Lifeguard / memberlist probeNode: with relays that should nack, only the
+            # missing nacks count against us (they point at our own slowness); without
+            # any, the failed probe itself does.
+            expected = len(p.relays)
+            self._health(expected - len(p.nacks) if expected else 1)
+        self._on_suspect(p.target, p.inc, self.self_id, now)
+
+    def _on_ping(self, seq: int, to: bytes, addr: Addr) -> None:
+        if to != self.self_id:
+            # memberlist handlePing: a ping for another node (address reuse) is dropped.
+            self._drop(DropReason.UNEXPECTED)
+            return
+        self._send({"k": ACK, "seq": seq, "from": self.self_id}, addr)
+
+    def _on_ack(self, seq: int, sender: bytes) -> None:
+        p = self._probe
+        if p is not None and p.seq == seq and sender == p.target:
+            self._probe = None
+            if self.timing.lifeguard:
+                self._health(-1)
+            return
+        relay = self._relays.get(seq)
+        if relay is not None and relay.target == sender:
+            del self._relays[seq]
+            ack = {"k": ACK, "seq": relay.origin_seq, "from": relay.target}
+            self._send(ack, relay.origin)
+            return
+        self._drop(DropReason.STALE)  # late (after the probe ended) or not ours
+
+    def _on_nack(self, seq: int, sender: bytes) -> None:
+        p = self._probe
+        if p is not None and p.seq == seq and sender in p.relays:
+            p.nacks.add(sender)
+        else:
+            self._drop(DropReason.STALE)
+
+    def _on_ping_req(self, seq: int, to: bytes, target: Addr, origin: Addr, now: float) -> None:
+        """Relay a probe (SWIM indirect ping); the ack is relayed under the origin's seq."""
+        if self._left:
+            return
+        if to == self.self_id:
+            self._send({"k": ACK, "seq": seq, "from": self.self_id}, origin)
+            return
+        if len(self._relays) >= MAX_RELAYS:
+            self._drop(DropReason.RATE_LIMITED)
+            return
+        local = self._next_seq()
+        # The relay forwards an ack for one (unscaled) probe timeout, as memberlist's
+        # handleIndirectPing does, and nacks at 80% of it (Lifeguard).
+        timeout = self.timing.probe_timeout
+        lifeguard = self.timing.lifeguard
+        due = now + (NACK_FRACTION * timeout if lifeguard else timeout)
+        self._relays[local] = _Relay(origin, seq, to, now + timeout, due, not lifeguard)
+        self._push_timer(due, _T_RELAY, to, local)
+        m = self._members.get(to)
+        extra: list[dict[str, Any]] = []
+        if m is not None and m.state is MemberState.SUSPECT:
+            # Buddy System on the indirect path too (Lifeguard section IV-C).
+            extra.append({"k": "suspect", "id": to, "inc": m.inc, "by": self.self_id})
+        self._send({"k": PING, "seq": local, "to": to, "from": self.self_id}, target, extra)
+
+    # ----------------------------------------------------------------- gossip items
+
+    def _on_item(self, raw: Any, now: float) -> None:
+        item = wire.as_map(raw, "piggyback item")
+        kind = wire.field(item, "k", str)
+        if kind not in MEMBER_ITEM_KINDS:
+            self._events.append(Piggyback(item))
+            return
+        node_id = self._id_field(item, "id")
+        inc = wire.int_field(item, "inc")
+        if kind == "alive":
+            addr = wire.addr_field(item, "a")
+            if node_id != self.self_id:
+                self._on_alive(node_id, inc, addr, now, gossip=True)
+            elif inc > self._inc or (
+                inc == self._inc and item["a"] != wire.format_hostport(self.self_addr)
+            ):
+                # Someone claims a newer (or conflicting) life of ours: outbid it
+                # (memberlist aliveNode on the local node).
+                self._refute(inc)
+        elif kind == "left":
+            if node_id != self.self_id:
+                self._on_left(node_id, inc, now)
+            elif inc >= self._inc:
+                self._refute(inc)
+        else:
+            by = self._id_field(item, "by")
+            if node_id == self.self_id:
+                if inc >= self._inc:
+                    self._refute(inc)
+            elif kind == "suspect":
+                self._on_suspect(node_id, inc, by, now)
+            else:
+                self._on_dead(node_id, inc, by, now)
+
+    def _on_alive(self, node_id: bytes, inc: int, addr: Addr, now: float, *, gossip: bool) -> None:
+        """SWIM: alive at a higher incarnation overrides suspect, dead and left (a deliberate
+        rejoin); equal or lower is old news. An unknown member is added."""
+        m = self._members.get(node_id)
+        if m is None:
+            m = _Member(node_id, addr, inc, now)
+            self._members[node_id] = m
+            self._alive.add(node_id)
+            self._insert_probe_target(node_id)
+            self._events.append(MemberJoined(node_id, addr))
+        else:
+            if inc <= m.inc:
+                return
+            m.inc = inc
+            if addr != m.addr:
+                m.addr = addr
+                self._events.append(MemberAddressChanged(node_id, addr))
+            self._set_state(m, MemberState.ALIVE, now)
+        if gossip:
+            self._queue_member(
+                node_id,
+                {"k": "alive", "id": node_id, "inc": inc, "a": wire.format_hostport(m.addr)},
+            )
+
+    def _on_suspect(self, node_id: bytes, inc: int, by: bytes, now: float) -> None:
+        """SWIM suspicion, with Lifeguard's confirmations (memberlist ``suspectNode``)."""
+        m = self._members.get(node_id)
+        if m is None or inc < m.inc:
+            return
+        item = {"k": "suspect", "id": node_id, "inc": inc, "by": by}
+        if m.state is MemberState.SUSPECT and m.susp is not None:
+            m.inc = inc  # a higher one means we missed a refutation and a new accusation
+            if m.susp.confirm(by):
+                self._push_timer(m.susp.deadline, _T_SUSPECT, node_id, m.susp)
+                self._queue_member(node_id, item)  # confirmations must spread too
+            return
+        if m.state is not MemberState.ALIVE:
+            return
+        m.inc = inc
+        self._set_state(m, MemberState.SUSPECT, now)
+        n = self.cluster_size
+        low, high = suspicion_bounds(self.timing, n)
+        m.susp = _Suspicion(now, expected_confirmations(self.timing, n), low, high, by)
+        self._push_timer(m.susp.deadline, _T_SUSPECT, node_id, m.susp)
+        self._queue_member(node_id, item)
+
+    def _on_dead(self, node_id: bytes, inc: int, by: bytes, now: float) -> None:
+        """Dead at an incarnation >= ours overrides alive and suspect, never LEFT."""
+        m = self._members.get(node_id)
+        if m is None or inc < m.inc or m.state is MemberState.LEFT:
+            return
+        m.inc = inc
+        if m.state is MemberState.DEAD:
+            return
+        self._set_state(m, MemberState.DEAD, now)
+        self._queue_member(node_id, {"k": "dead", "id": node_id, "inc": inc, "by": by})
+
+    def _on_left(self, node_id: bytes, inc: int, now: float) -> None:
+        """LEFT at an incarnation >= ours is final for that incarnation."""
+        m = self._members.get(node_id)
+        if m is None or inc < m.inc:
+            return
+        m.inc = inc
+        if m.state is MemberState.LEFT:
+            return
+        self._set_state(m, MemberState.LEFT, now)
+        self._queue_member(node_id, {"k": "left", "id": node_id, "inc": inc})
+
+    def _refute(self, accused: int) -> None:
+        """SWIM refutation: outbid the accusation with a new incarnation and gossip alive.
+        Being accused also costs local health (Lifeguard; memberlist ``refute``)."""
+        if self._left:
+            return
+        self._inc = max(self._inc + 1, accused + 1)
+        if self.timing.lifeguard:
+            self._health(1)
+        self._queue_self_alive()
+        self._events.append(Refuted(self._inc, accused))
+
+    def _set_state(self, m: _Member, new: MemberState, now: float) -> None:
+        old = m.state
+        if old is new:
+            return
+        if old is MemberState.ALIVE:
+            self._alive.discard(m.node_id)
+        elif old is MemberState.SUSPECT:
+            self._suspect.discard(m.node_id)
+        elif old is MemberState.DEAD:
+            self._recent_dead.discard(m.node_id)
+        m.state = new
+        m.since = now
+        m.susp = None
+        if new is MemberState.ALIVE:
+            self._alive.add(m.node_id)
+            if old is not MemberState.SUSPECT:  # a suspect is still in the probe list
+                self._insert_probe_target(m.node_id)
+        elif new is MemberState.SUSPECT:
+            self._suspect.add(m.node_id)
+        else:
+            self._push_timer(now + self.timing.tombstone_ttl, _T_TOMB, m.node_id, now)
+            if new is MemberState.DEAD:
+                # memberlist gossip(): keep gossiping to the dead for a while, so that a
+                # falsely declared node hears it and refutes.
+                self._recent_dead.add(m.node_id)
+                self._push_timer(now + self.timing.gossip_to_dead, _T_DEAD_GOSSIP, m.node_id, now)
+        self._events.append(MemberStateChanged(m.node_id, old, new, m.inc))
+
+    # ------------------------------------------------------------------------ gossip
+
+    def _gossip(self) -> None:
+        """memberlist gossip(): piggyback-only messages to a few random live members and
+        to members dead for less than ``gossip_to_dead`` (never to LEFT ones)."""
+        targets = self._sample(
+            (self._alive, self._suspect, self._recent_dead), self.timing.gossip_nodes, set()
+        )
+        for node_id in targets:
+            if not self._send({"k": GOSSIP}, self._members[node_id].addr, require_items=True):
+                return
+
+    def _send(
+        self,
+        msg: dict[str, Any],
+        addr: Addr,
+        extra: list[dict[str, Any]] | None = None,
+        *,
+        require_items: bool = False,
+    ) -> bool:
+        """Queue ``msg`` with as much piggyback as fits in ``max_packet`` bytes."""
+        items = list(extra) if extra else []
+        budget = self.timing.max_packet - len(wire.pack(msg)) - _G_OVERHEAD
+        budget -= sum(len(wire.pack(x)) for x in items)
+        if self._bq:
+            items.extend(
+                self._bq.take(
+                    budget, retransmit_limit(self.timing.retransmit_mult, self.cluster_size)
+                )
+            )
+        if items:
+            msg["g"] = items
+        elif require_items:
+            return False
+        self._out.append((msg, addr))
+        return True
+
+    def _queue_member(self, node_id: bytes, item: dict[str, Any]) -> None:
+        self._bq.put((_MEMBER_KEY, node_id), item, len(wire.pack(item)))
+
+    def _queue_self_alive(self) -> None:
+        item = {
+            "k": "alive",
+            "id": self.self_id,
+            "inc": self._inc,
+            "a": wire.format_hostport(self.self_addr),
+        }
+        self._queue_member(self.self_id, item)
+
+    # ------------------------------------------------------------------------ timers
+
+    def _push_timer(self, when: float, kind: int, node_id: bytes, token: Any) -> None:
+        self._timer_count += 1
+        heapq.heappush(self._timers, (when, self._timer_count, kind, node_id, token))
+
+    def _timer_valid(self, entry: _Timer) -> bool:
+        """Heap entries are never removed eagerly; each is checked against live state."""
+        when, _, kind, node_id, token = entry
+        if kind == _T_RELAY:
+            relay = self._relays.get(token)
+            return relay is not None and relay.due == when
+        m = self._members.get(node_id)
+        if m is None:
+            return False
+        if kind == _T_SUSPECT:
+            return m.susp is token and m.susp.deadline == when
+        if kind == _T_TOMB:
+            return m.state in (MemberState.DEAD, MemberState.LEFT) and m.since == token
+        return m.state is MemberState.DEAD and m.since == token
+
+    def _fire(self, entry: _Timer, now: float) -> None:
+        _, _, kind, node_id, token = entry
+        if kind == _T_RELAY:
+            relay = self._relays[token]
+            if relay.nacked:
+                del self._relays[token]
+                return
+            # Lifeguard LHA-Probe: tell the origin we could not reach the target either, so
+            # it knows its own links work and does not count the failure against itself.
+            relay.nacked = True
+            relay.due = relay.expires
+            self._push_timer(relay.due, _T_RELAY, node_id, token)
+            self._send({"k": NACK, "seq": relay.origin_seq, "from": self.self_id}, relay.origin)
+            return
+        m = self._members[node_id]
+        if kind == _T_SUSPECT:
+            self._on_dead(node_id, m.inc, self.self_id, now)
+        elif kind == _T_TOMB:
+            del self._members[node_id]
+            self._recent_dead.discard(node_id)
+            self._events.append(MemberRemoved(node_id))
+        else:
+            self._recent_dead.discard(node_id)
+
+    # ----------------------------------------------------------------------- helpers
+
+    def _scale(self) -> int:
+        """Lifeguard LHA-Probe multiplier for the probe interval and timeout."""
+        return self.local_health + 1 if self.timing.lifeguard else 1
+
+    def _health(self, delta: int) -> None:
+        """memberlist ``awareness.ApplyDelta``: the score stays in [0, awareness_max - 1],
+        so the multiplier (score + 1) is at most ``awareness_max``."""
+        self.local_health = min(max(self.local_health + delta, 0), self.timing.awareness_max - 1)
+
+    def _next_seq(self) -> int:
+        self._seq = (self._seq + 1) % SEQ_MOD
+        return self._seq
+
+    def _id_field(self, m: Mapping[str, Any], name: str) -> bytes:
+        return wire.bin_field(m, name, self._id_len)
+
+    def _drop(self, reason: DropReason) -> None:
+        self.drops[reason.value] = self.drops.get(reason.value, 0) + 1
+
+    def _sample(self, bags: Iterable[_Bag], k: int, exclude: set[bytes]) -> list[bytes]:
+        """Up to ``k`` distinct random members from the union of ``bags``, O(k) expected
+        (memberlist ``kRandomNodes`` scans all n; we pick indices instead)."""
+        bags = tuple(bags)
+        total = sum(len(b) for b in bags)
+        if k <= 0 or total == 0:
+            return []
+        if total <= 4 * k + 2 * len(exclude) + 8:
+            pool = [x for b in bags for x in b.items if x not in exclude]
+            return self._rng.sample(pool, min(k, len(pool)))
+        out: list[bytes] = []
+        seen = set(exclude)
+        for _ in range(4 * k + 8):
+            x = _pick(bags, self._rng.randrange(total))
+            if x not in seen:
+                seen.add(x)
+                out.append(x)
+                if len(out) == k:
+                    break
+        return out
+
+
+def _pick(bags: tuple[_Bag, ...], i: int) -> bytes:
+    """The ``i``-th element of the concatenation of ``bags``."""
+    for b in bags:
+        if i < len(b):
+            return b.items[i]
+        i -= len(b)
+    raise IndexError(i)
