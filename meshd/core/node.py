@@ -14,6 +14,7 @@ ids are hashes of keys, the receiver authenticates the sender without a lookup.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -187,11 +188,9 @@ class Node:
         for blob in leases:
             self._count(self._offer_lease, blob)
         self.seq = seq
-        self.admission: Admission = self.store.verify(
-            self._own_record(admission, now), now
-        ).admission
         self._admission_blob = admission
-        self.record = self._publish(now)
+        self.record = self._publish(now)  # verifies the chain of our own admission too
+        self.admission: Admission = self.record.admission
         for blob in records:
             self._count(self._offer_record, blob, now)
         self.view_dirty = False
@@ -238,12 +237,12 @@ class Node:
         random_bytes: RandomBytes,
     ) -> Node:
         """``meshd join`` succeeded: build the member from what the seed granted."""
-        config.zone = grant.zone
         return cls(
             sign=sign, wg=wg, ca_public=grant.ca_public, ca=None,
             keyring=Keyring(list(grant.keyring)), token_key=grant.token_key, plan=grant.plan,
-            config=config, leader=grant.leader, admission=grant.admission, seq=1, now=now,
-            random_bytes=random_bytes, records=grant.records, leases=grant.leases,
+            config=dataclasses.replace(config, zone=grant.zone), leader=grant.leader,
+            admission=grant.admission, seq=1, now=now, random_bytes=random_bytes,
+            records=grant.records, leases=grant.leases,
         )  # fmt: skip
 
     # ------------------------------------------------------------------------ outputs
@@ -763,8 +762,9 @@ class Node:
 
     # ------------------------------------------------------------------------ helpers
 
-    def _own_record(self, admission: SignedBlob, now: float) -> SignedBlob:
-        return sign_record(
+    def _publish(self, now: float) -> PeerRecord:
+        """Sign our record at the current seq and make it the one in our own view."""
+        blob = sign_record(
             self.sign,
             seq=self.seq,
             name=self.config.name,
@@ -773,11 +773,8 @@ class Node:
             endpoints=self.config.endpoints,
             now=now,
             version=self.config.version,
-            admission=admission,
+            admission=self._admission_blob,
         )
-
-    def _publish(self, now: float) -> PeerRecord:
-        blob = self._own_record(self._admission_blob, now)
         rec = self.store.verify(blob, now)
         self.store.remove(rec.node_id)
         self.store.merge_verified(rec)
