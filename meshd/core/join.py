@@ -240,7 +240,7 @@ def _reply_key(shared: bytes, secret: bytes, request_id: bytes) -> bytes:
     return hkdf(shared, salt=secret, info=b"meshd join reply v1" + request_id)
 
 
-def _exchange(key: WireGuardKey, peer_public: bytes) -> bytes:
+def exchange(key: WireGuardKey, peer_public: bytes) -> bytes:
     """X25519 with the peer's ephemeral key; a low-order key (all-zero secret) is refused."""
     try:
         return key.exchange(peer_public)
@@ -252,7 +252,7 @@ def seal_reply(
     payload: bytes, request_id: bytes, secret: bytes, joiner_eph: bytes, seed_eph: WireGuardKey
 ) -> list[bytes]:
     """Encrypt the grant to the joiner and split it into JOIN_REPLY datagrams."""
-    key = _reply_key(_exchange(seed_eph, joiner_eph), secret, request_id)
+    key = _reply_key(exchange(seed_eph, joiner_eph), secret, request_id)
     ct = AESGCM(key).encrypt(bytes(12), payload, request_id)
     chunks = [ct[i : i + CHUNK_DATA] for i in range(0, len(ct), CHUNK_DATA)]
     if len(chunks) > MAX_CHUNKS:
@@ -520,7 +520,7 @@ class JoinClient:
             return
         del self._assembly[addr]
         ct = b"".join(asm.parts[i] for i in range(asm.total))
-        key = _reply_key(_exchange(self._reply_key, asm.seed_eph), self._secret, self.request_id)
+        key = _reply_key(exchange(self._reply_key, asm.seed_eph), self._secret, self.request_id)
         try:
             payload = AESGCM(key).decrypt(bytes(12), ct, self.request_id)
         except InvalidTag:

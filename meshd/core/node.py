@@ -381,10 +381,6 @@ class Node:
             cookie = join.make_cookie(self._cookie_secret, addr, int(now // COOKIE_PERIOD))
             self._out.append((join.encode_cookie(req.request_id, cookie), addr))
             return
-        cached = self._replies.get((req.joiner, req.reply_key))
-        if cached is not None:
-            self._out.extend((pkt, addr) for pkt in cached[1])
-            return
         try:
             claims = TokenClaims.decode(req.claims_raw)
         except WireError:
@@ -394,6 +390,12 @@ class Node:
         if claims.cluster != cluster_id(self.ca_public) or not req.authenticate(secret):
             self._join_error(req, addr, JoinErrorCode.BAD_TOKEN, None)
             raise WireError(DropReason.BAD_TOKEN, "join request fails token MAC or signature")
+        cached = self._replies.get((req.joiner, req.reply_key))
+        if cached is not None:  # a retry: same bytes, no second use, no second address
+            self._out.extend((pkt, addr) for pkt in cached[1])
+            return
+        seed_eph = WireGuardKey(self._rand(32))
+        join.exchange(seed_eph, req.reply_key)  # refuse a low-order key before spending anything
         if claims.expires <= now:
             self._join_error(req, addr, JoinErrorCode.EXPIRED, secret)
             return
@@ -417,7 +419,7 @@ class Node:
             req.request_id,
             secret,
             req.reply_key,
-            WireGuardKey(self._rand(32)),
+            seed_eph,
         )
         self._replies[(req.joiner, req.reply_key)] = (now, packets)
         while len(self._replies) > REPLY_CACHE_SIZE:

@@ -439,3 +439,30 @@ def test_cluster_full_gives_clear_error(net: Net) -> None:
     assert isinstance(res, JoinFailed) and "no free overlay addresses" in res.reason
     offsets = [n.admission.offset for n in net.nodes.values()]
     assert sorted(offsets) == list(range(1, 15))
+
+
+def test_low_order_ephemeral_key_spends_nothing(net: Net, leader: Node) -> None:
+    from meshd.core import join
+    from meshd.core.admission import parse_token
+    from meshd.core.crypto import SigningKey
+
+    tok = token(net, leader, uses=1)
+    claims, secret = parse_token(tok)
+    joiner = SigningKey(net.rand(32))
+    src = addr(9)
+
+    def request(cookie: bytes) -> bytes:
+        return join.encode_request(
+            request_id=bytes(16), cookie=cookie, claims_raw=claims.raw, secret=secret,
+            reply_key=bytes(32), sign=joiner, wg_key=bytes(range(32)), name="evil",
+            hostname=None, endpoints=["192.0.2.9:7946"],
+        )  # fmt: skip
+
+    leader.receive(request(b""), src, net.now)
+    (cookie_pkt, _), *_ = leader.datagrams_to_send()
+    leader.receive(request(join.decode_cookie(cookie_pkt)[1]), src, net.now)
+    assert leader.datagrams_to_send() == []
+    assert leader.drops[DropReason.MALFORMED] == 1
+    assert leader.ledger.uses(claims.token_id) == 0
+    assert joiner.node_id.hex() not in leader.allocator.assignments()
+    assert isinstance(net.join("n2", addr(2), tok, [LEADER]), Node)  # the token still works
