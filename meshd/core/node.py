@@ -169,7 +169,8 @@ class Node:
         self._events: list[Event] = []
         self._pending: dict[bytes, _Pending] = {}
         self._replies: OrderedDict[tuple[bytes, bytes], tuple[float, list[bytes]]] = OrderedDict()
-        self._token_ok: dict[tuple[bytes, bytes], str | None] = {}
+        #: The issuer's verdicts on (token id, joiner), kept until the token expires.
+        self._token_ok: dict[tuple[bytes, bytes], tuple[float, str | None]] = {}
         #: Join requests waiting on a control round trip (token use, block lease),
         #: finished as soon as the answer arrives instead of at the joiner's next retry.
         self._parked: OrderedDict[bytes, tuple[bytes, Addr]] = OrderedDict()
@@ -256,6 +257,7 @@ class Node:
 
     def get_timer(self) -> float | None:
         times = [p.next_try for p in self._pending.values()]
+        times.extend(exp for exp, _ in self._token_ok.values())
         if self._replies:
             times.append(next(iter(self._replies.values()))[0] + REPLY_CACHE_TTL)
         return min(times) if times else None
@@ -291,8 +293,9 @@ class Node:
             if t + REPLY_CACHE_TTL > now:
                 break
             del self._replies[key]
-        if self.ledger is not None:
-            self.ledger.prune(now)
+        self.ledger.prune(now)
+        for key in [k for k, (exp, _) in self._token_ok.items() if exp <= now]:
+            del self._token_ok[key]
 
     # ------------------------------------------------------------------- user calls
 
@@ -451,7 +454,7 @@ class Node:
             return refusal
         key = (claims.token_id, joiner)
         if key in self._token_ok:
-            return self._token_ok[key]
+            return self._token_ok[key][1]
         if self.store.get(claims.issuer) is None:
             return _NOT_READY  # the issuer's record may still be on its way
         if not any(p.context.get("key") == key for p in self._pending.values()):
@@ -460,7 +463,7 @@ class Node:
                 Op.TOKEN_USE,
                 {"claims": claims.raw, "who": joiner},
                 now,
-                context={"key": key},
+                context={"key": key, "exp": claims.expires},
             )
         return _Wait.WAIT
 
@@ -734,7 +737,8 @@ class Node:
         ok = m.get("ok") is True
         err = m.get("err") if isinstance(m.get("err"), str) else None
         if p.op is Op.TOKEN_USE:
-            self._token_ok[p.context["key"]] = None if ok else (err or "token refused")
+            verdict = None if ok else (err or "token refused")
+            self._token_ok[p.context["key"]] = (p.context["exp"], verdict)
             self._unpark(now)
         elif p.op is Op.LEASE:
             if not ok:

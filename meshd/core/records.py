@@ -9,8 +9,9 @@ admitted offset, so a record cannot claim an address it was not given.
 Merge rule (the same on every node, so views converge): a strictly higher
 ``seq`` from the same node wins; an equal ``seq`` with other bytes is a conflict
 and is refused; anything that fails verification never touches the view.
-Verification costs ~120 us (Ed25519, TEST-HOSTS.md), so results are cached by
-the exact received bytes and a record is checked once.
+A cold record costs three Ed25519 checks (lease, admission, record: ~0.6 ms here,
+docs/benchmarks.md), so results are cached by the exact received bytes, a record is
+checked once, and the lease a block's records share is checked once for all of them.
 """
 
 from __future__ import annotations
@@ -23,7 +24,13 @@ from ipaddress import IPv4Address, IPv6Address
 from typing import Final, TypeVar, cast
 
 from meshd.core import wire
-from meshd.core.admission import Admission, Lease, verify_admission, verify_lease
+from meshd.core.admission import (
+    Admission,
+    Lease,
+    LeaseVerifier,
+    verify_admission,
+    verify_lease,
+)
 from meshd.core.crypto import NODE_ID_LEN, PUB_LEN, SignedBlob, SigningKey
 from meshd.core.ipam import AddressPlan
 from meshd.core.wire import DropReason, WireError
@@ -85,13 +92,23 @@ def sign_record(
     )
 
 
-def verify_record(blob: SignedBlob, ca_public: bytes, plan: AddressPlan, now: float) -> PeerRecord:
+def verify_record(
+    blob: SignedBlob,
+    ca_public: bytes,
+    plan: AddressPlan,
+    now: float,
+    lease_verifier: LeaseVerifier | None = None,
+) -> PeerRecord:
     """Verify a record and its chain; raise WireError (never anything else) if it is not genuine."""
     m = blob.fields("record")
     sign_key = wire.bin_field(m, "sk", PUB_LEN)
     blob.check(sign_key, RECORD_DOMAIN, "record")
     admission = verify_admission(
-        SignedBlob.from_wire(m.get("cert"), "record admission"), ca_public, plan, now
+        SignedBlob.from_wire(m.get("cert"), "record admission"),
+        ca_public,
+        plan,
+        now,
+        lease_verifier,
     )
     nid = wire.bin_field(m, "id", NODE_ID_LEN)
     wg_key = wire.bin_field(m, "wg", PUB_LEN)
@@ -130,16 +147,25 @@ class Merge(enum.Enum):
 _T = TypeVar("_T", "PeerRecord", Lease)
 
 
+@dataclass(frozen=True)
+class _Refusal:
+    """A cached verification failure. The reason is cached, never the exception object:
+    re-raising one exception grows its traceback (and pins frames) on every hit."""
+
+    reason: DropReason
+    detail: str
+
+
 class _VerifyCache:
     """Bounded LRU of verification results keyed by the exact bytes (body + signature)."""
 
     def __init__(self, size: int) -> None:
         self._size = size
-        self._entries: OrderedDict[bytes, PeerRecord | Lease | WireError] = OrderedDict()
+        self._entries: OrderedDict[bytes, PeerRecord | Lease | _Refusal] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: bytes) -> PeerRecord | Lease | WireError | None:
+    def get(self, key: bytes) -> PeerRecord | Lease | _Refusal | None:
         hit = self._entries.get(key)
         if hit is not None:
             self._entries.move_to_end(key)
@@ -148,7 +174,7 @@ class _VerifyCache:
             self.misses += 1
         return hit
 
-    def put(self, key: bytes, value: PeerRecord | Lease | WireError) -> None:
+    def put(self, key: bytes, value: PeerRecord | Lease | _Refusal) -> None:
         self._entries[key] = value
         if len(self._entries) > self._size:
             self._entries.popitem(last=False)
@@ -174,14 +200,18 @@ class RecordStore:
             try:
                 hit = check()
             except WireError as exc:
-                hit = exc
+                hit = _Refusal(exc.reason, exc.detail)
             self.cache.put(key, hit)
-        if isinstance(hit, WireError):
-            raise hit
+        if isinstance(hit, _Refusal):
+            raise WireError(hit.reason, hit.detail)
         return cast(_T, hit)
 
     def verify(self, blob: SignedBlob, now: float) -> PeerRecord:
-        rec = self._cached(b"R", blob, lambda: verify_record(blob, self.ca_public, self.plan, now))
+        rec = self._cached(
+            b"R",
+            blob,
+            lambda: verify_record(blob, self.ca_public, self.plan, now, self.verify_lease),
+        )
         exp = rec.admission.expires  # cached results must still honour expiry
         if exp is not None and exp <= now:
             raise WireError(DropReason.STALE, "admission certificate has expired")

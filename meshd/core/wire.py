@@ -127,30 +127,20 @@ def unpack(
     """
     if len(data) > MAX_PACKET:
         raise WireError(DropReason.TOO_LARGE, f"body of {len(data)} bytes")
-    unpacker = msgpack.Unpacker(
-        raw=False,
-        use_list=True,
-        strict_map_key=True,
-        max_buffer_size=max(len(data), 1),
-        max_str_len=max_str,
-        max_bin_len=max_bin,
-        max_array_len=max_array,
-        max_map_len=max_map,
-        max_ext_len=0,
-    )
     try:
-        unpacker.feed(data)
-        obj = unpacker.unpack()
-        try:
-            unpacker.unpack()
-        except msgpack.OutOfData:
-            pass
-        else:
-            raise WireError(DropReason.MALFORMED, "trailing data after body")
-    except WireError:
-        raise
-    except msgpack.OutOfData:
-        raise WireError(DropReason.MALFORMED, "truncated msgpack") from None
+        obj = msgpack.unpackb(
+            data,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            max_str_len=max_str,
+            max_bin_len=max_bin,
+            max_array_len=max_array,
+            max_map_len=max_map,
+            max_ext_len=0,
+        )
+    except msgpack.ExtraData:
+        raise WireError(DropReason.MALFORMED, "trailing data after body") from None
     except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as exc:
         raise WireError(DropReason.MALFORMED, f"msgpack: {exc}") from None
     _check_depth(obj, max_depth)

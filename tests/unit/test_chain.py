@@ -315,12 +315,16 @@ class TestVerifyCache:
         store = RecordStore(CA.public, PLAN)
         blob = record()
         first = store.verify(blob, NOW)
-        assert (store.cache.hits, store.cache.misses) == (0, 1)
+        # a cold record is two misses: the record, and the lease its admission embeds
+        assert (store.cache.hits, store.cache.misses) == (0, 2)
         assert store.verify(blob, NOW) == first
-        assert (store.cache.hits, store.cache.misses) == (1, 1)
+        assert (store.cache.hits, store.cache.misses) == (1, 2)
         # the same bytes in a fresh SignedBlob are the same cache entry
         assert store.verify(SignedBlob(blob.body, blob.signature), NOW) == first
         assert store.cache.hits == 2
+        # another record under the same lease: its own miss, but the lease is a hit
+        store.verify(record(seq=2), NOW)
+        assert (store.cache.hits, store.cache.misses) == (3, 3)
 
     def test_failures_are_cached_and_still_raise(self) -> None:
         store = RecordStore(CA.public, PLAN)
@@ -329,6 +333,20 @@ class TestVerifyCache:
             with pytest.raises(WireError):
                 store.verify(bad, NOW)
             assert store.cache.hits == expected_hits
+
+    def test_cached_failure_does_not_grow(self) -> None:
+        """Regression: re-raising one cached exception object grew its traceback per hit."""
+        store = RecordStore(CA.public, PLAN)
+        bad = record(wg=OTHER_WG.public)
+        errors = []
+        for _ in range(50):
+            try:
+                store.verify(bad, NOW)
+            except WireError as exc:
+                errors.append(exc)
+        assert len({id(e) for e in errors}) == 50  # a fresh exception every time
+        depth = [len(list(_tb_frames(e))) for e in errors]
+        assert max(depth) == depth[0]
 
     def test_lease_cache_hit(self) -> None:
         store = RecordStore(CA.public, PLAN)
@@ -583,3 +601,12 @@ class TestTokens:
         again.prune(NOW + 60)
         assert again.to_dict() == {}
         assert TokenLedger().to_dict() == TokenLedger(None).to_dict() == {}
+
+
+def _tb_frames(exc: BaseException) -> list[object]:
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    return frames

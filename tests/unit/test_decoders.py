@@ -1111,7 +1111,11 @@ class TestNodeReceive:
             {"claims": CLAIMS.raw, "who": bytes(16)} if which is Op.TOKEN_USE else {}
         )
         n2._request(
-            c.leader.sign.node_id, which, extra, c.net.now, context={"key": (b"k" * 8, b"j" * 16)}
+            c.leader.sign.node_id,
+            which,
+            extra,
+            c.net.now,
+            context={"key": (b"k" * 8, b"j" * 16), "exp": c.net.now + 60},
         )
         n2.datagrams_to_send()  # the request itself is not delivered
         rid = list(n2._pending)[-1]
