@@ -8,10 +8,11 @@ Two different things are timed, because they answer different questions:
   alone (``python -c pass``, ``python -m meshd --version``) is timed as well so
   it can be subtracted.
 * **protocol**: a ``JoinClient`` driven by an asyncio UDP socket in this process
-  (the adapter is ``_drive_join`` in ``meshd/cli.py``), timed from the first
-  request to ``JoinSucceeded``: cookie round trip, signed request, the seed's work
-  (token check, address assignment, state write with fsync, sealing the grant),
-  and decrypting and checking the grant. Cases:
+  (``meshd.agent.drive_join``, the adapter ``meshd join`` uses), timed around it:
+  opening the socket (~0.1 ms), then from the first request to ``JoinSucceeded``:
+  cookie round trip, signed request, the seed's work (token check, address
+  assignment, state write with fsync, sealing the grant), and decrypting and
+  checking the grant. Cases:
 
   - ``leader``: the seed is the leader, which issued the token and holds the CA;
   - ``member_warm``: the seed is a joined, running member that already holds a
@@ -32,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,8 +44,9 @@ from pathlib import Path
 from typing import Any, Final
 
 from benchmarks.common import summarise
+from meshd.agent import drive_join
 from meshd.core.crypto import SigningKey, WireGuardKey
-from meshd.core.join import JoinClient, JoinFailed, JoinSucceeded
+from meshd.core.join import JoinClient, JoinFailed
 from meshd.core.wire import Kind
 from meshd.demo import LocalCluster
 from meshd.state import atomic_write
@@ -55,7 +56,6 @@ LOOPBACK: Final = "127.0.0.1"
 #: A protocol join that takes longer than this is reported as failed (the CLI default is 30 s).
 JOIN_TIMEOUT_S: Final = 10.0
 #: Upper bound on timer wake-ups while driving one join (each re-sends at most one request).
-MAX_WAKEUPS: Final = 64
 _KINDS: Final = {k.value: k.name.lower() for k in Kind}
 
 
@@ -85,16 +85,13 @@ class JoinSample:
 
 
 async def timed_join(token: str, seed: tuple[str, int], name: str) -> JoinSample:
-    """Join through ``seed`` once with a fresh identity; time first request -> JoinSucceeded.
+    """Join through ``seed`` once with a fresh identity; time the whole adapter call.
 
     Key generation happens before the clock starts; everything the joiner does after
     (signing the request, decrypting and verifying the grant) is inside it.
     """
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[JoinSucceeded | JoinFailed] = loop.create_future()
     received: Counter[str] = Counter()
     sent = 0
-    t_end = 0.0
     sign, wg = SigningKey(os.urandom(32)), WireGuardKey(os.urandom(32))
     client = JoinClient(
         token=token,
@@ -110,42 +107,16 @@ async def timed_join(token: str, seed: tuple[str, int], name: str) -> JoinSample
         timeout=JOIN_TIMEOUT_S,
     )
 
-    def pump() -> None:
-        nonlocal sent, t_end
-        for data, addr in client.datagrams_to_send():
-            with contextlib.suppress(OSError):
-                transport.sendto(data, addr)
-                sent += 1
-        event = client.next_event()
-        if event is not None and not done.done():
-            t_end = time.perf_counter()
-            done.set_result(event)
+    def on_send(data: bytes) -> None:
+        nonlocal sent
+        sent += 1
 
-    class Proto(asyncio.DatagramProtocol):
-        def datagram_received(self, data: bytes, addr: Any) -> None:
-            received[_KINDS.get(data[1], "other") if len(data) > 1 else "other"] += 1
-            client.receive(data, (addr[0], addr[1]), time.time())
-            pump()
+    def on_receive(data: bytes) -> None:
+        received[_KINDS.get(data[1], "other") if len(data) > 1 else "other"] += 1
 
-    transport, _ = await loop.create_datagram_endpoint(
-        Proto, local_addr=(LOOPBACK, 0), family=socket.AF_INET
-    )
-    try:
-        t_start = time.perf_counter()
-        client.handle_timer(time.time())  # the client's first timer is due now: first request
-        pump()
-        for _ in range(MAX_WAKEUPS):
-            when = client.get_timer()
-            if done.done() or when is None:
-                break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(done), max(0.0, when - time.time()))
-            if not done.done():
-                client.handle_timer(time.time())
-                pump()
-        event = done.result() if done.done() else JoinFailed("no result within the wake-up cap")
-    finally:
-        transport.close()
+    t_start = time.perf_counter()
+    event = await drive_join(client, on_send=on_send, on_receive=on_receive)
+    t_end = time.perf_counter()
     if isinstance(event, JoinFailed):
         return JoinSample(None, sent, dict(received), event.reason)
     return JoinSample((t_end - t_start) * 1000, sent, dict(received))

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import secrets
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -25,6 +26,7 @@ import structlog
 from meshd import persist
 from meshd.core import node as core
 from meshd.core.admission import cluster_id
+from meshd.core.join import JoinClient, JoinFailed, JoinSucceeded
 from meshd.core.node import Node
 from meshd.core.wire import Addr, format_hostport, split_hostport
 from meshd.state import DataDir, atomic_write
@@ -65,6 +67,56 @@ class _Protocol(asyncio.DatagramProtocol):
 
     def error_received(self, exc: Exception) -> None:
         self.agent.metrics.send_errors += 1
+
+
+#: A join never needs more timer wake-ups than this (backoff from 250 ms to its deadline).
+MAX_JOIN_WAKEUPS = 1_000
+
+
+async def drive_join(
+    client: JoinClient,
+    *,
+    on_send: Callable[[bytes], None] | None = None,
+    on_receive: Callable[[bytes], None] | None = None,
+) -> JoinSucceeded | JoinFailed:
+    """The join's asyncio adapter: one UDP socket, the client's timer, its datagrams.
+
+    ``on_send``/``on_receive`` see every datagram (the join benchmark counts them)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[JoinSucceeded | JoinFailed] = loop.create_future()
+    family = socket.AF_INET6 if ":" in client.seeds[0][0] else socket.AF_INET
+
+    def pump() -> None:
+        for data, addr in client.datagrams_to_send():
+            with contextlib.suppress(OSError):
+                transport.sendto(data, addr)
+                if on_send is not None:
+                    on_send(data)
+        event = client.next_event()
+        if event is not None and not done.done():
+            done.set_result(event)
+
+    class Proto(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: Any) -> None:
+            if on_receive is not None:
+                on_receive(data)
+            client.receive(data, (addr[0], addr[1]), time.time())
+            pump()
+
+    transport, _ = await loop.create_datagram_endpoint(Proto, family=family)
+    try:
+        for _ in range(MAX_JOIN_WAKEUPS):
+            when = client.get_timer()
+            if done.done() or when is None:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(done), max(0.0, when - time.time()))
+            if not done.done():
+                client.handle_timer(time.time())
+                pump()
+        return done.result() if done.done() else JoinFailed("the join did not finish")
+    finally:
+        transport.close()
 
 
 class Agent:

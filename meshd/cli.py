@@ -26,11 +26,11 @@ from typing import Any
 import structlog
 
 from meshd import __version__, persist
-from meshd.agent import RUN_FILE, Agent, node_cluster_id, parse_hostport
+from meshd.agent import RUN_FILE, Agent, drive_join, node_cluster_id, parse_hostport
 from meshd.core.admission import TokenError, mint_token
 from meshd.core.crypto import SigningKey, WireGuardKey
 from meshd.core.ipam import AddressPlan, IpamError
-from meshd.core.join import JoinClient, JoinFailed, JoinSucceeded
+from meshd.core.join import JoinClient, JoinFailed
 from meshd.core.node import Node, NodeConfig
 from meshd.core.wire import Keyring, format_hostport
 from meshd.state import DataDir, StateError
@@ -428,7 +428,7 @@ def cmd_join(opts: Options) -> Node:
         )
     except TokenError as exc:
         raise CliError(str(exc)) from None
-    event, _ = asyncio.run(_drive_join(client, seeds))
+    event = asyncio.run(drive_join(client))
     if isinstance(event, JoinFailed):
         raise CliError(event.reason)
     grant = event.grant
@@ -447,43 +447,6 @@ def cmd_join(opts: Options) -> Node:
     persist.save_new(datadir, node, settings)
     _print_identity(node, f"joined through {format_hostport(event.seed_addr)}")
     return node
-
-
-async def _drive_join(
-    client: JoinClient, seeds: list[tuple[str, int]]
-) -> tuple[JoinSucceeded | JoinFailed, None]:
-    """The join's asyncio adapter: one UDP socket, the client's timer, its datagrams."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[JoinSucceeded | JoinFailed] = loop.create_future()
-    family = socket.AF_INET6 if ":" in seeds[0][0] else socket.AF_INET
-
-    def pump() -> None:
-        for data, addr in client.datagrams_to_send():
-            with contextlib.suppress(OSError):
-                transport.sendto(data, addr)
-        event = client.next_event()
-        if event is not None and not done.done():
-            done.set_result(event)
-
-    class Proto(asyncio.DatagramProtocol):
-        def datagram_received(self, data: bytes, addr: Any) -> None:
-            client.receive(data, (addr[0], addr[1]), time.time())
-            pump()
-
-    transport, _ = await loop.create_datagram_endpoint(Proto, family=family)
-    try:
-        while not done.done():
-            when = client.get_timer()
-            if when is None:
-                break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(done), max(0.0, when - time.time()))
-            if not done.done():
-                client.handle_timer(time.time())
-                pump()
-        return await done, None
-    finally:
-        transport.close()
 
 
 def cmd_run(opts: Options) -> None:

@@ -401,7 +401,7 @@ class JoinClient:
             raise ValueError("at least one seed address is needed")
         self.claims: TokenClaims
         self.claims, self._secret = parse_token(token)
-        self._seeds = list(seeds)
+        self.seeds: tuple[Addr, ...] = tuple(seeds)
         self._sign = sign
         self._wg_key = wg_key
         self._reply_key = reply_key
@@ -443,10 +443,10 @@ class JoinClient:
         if now >= self._deadline:
             self._fail(self._timeout_reason())
             return
-        seed = self._seeds[self._next_seed % len(self._seeds)]
+        seed = self.seeds[self._next_seed % len(self.seeds)]
         self._next_seed += 1
         self._send(seed)
-        if self._next_seed % len(self._seeds) == 0:
+        if self._next_seed % len(self.seeds) == 0:
             self._rto = min(self._rto * 2, self._max_rto)
         self._timer = min(now + self._rto, self._deadline)
 
@@ -485,7 +485,7 @@ class JoinClient:
 
     def _on_cookie(self, data: bytes, addr: Addr) -> None:
         rid, cookie = decode_cookie(data)
-        if rid != self.request_id or addr not in self._seeds:
+        if rid != self.request_id or addr not in self.seeds:
             raise WireError(DropReason.UNEXPECTED, "cookie for another request")
         self._heard_from.add(addr)
         if self._cookies.get(addr) != cookie:
@@ -494,7 +494,7 @@ class JoinClient:
 
     def _on_error(self, data: bytes, addr: Addr) -> None:
         rid, code, authed = decode_error(data, self._secret)
-        if rid != self.request_id or addr not in self._seeds:
+        if rid != self.request_id or addr not in self.seeds:
             raise WireError(DropReason.UNEXPECTED, "error for another request")
         self._heard_from.add(addr)
         text = f"{ERROR_TEXT[code]} (seed {addr[0]}:{addr[1]})"
@@ -509,7 +509,7 @@ class JoinClient:
 
     def _on_chunk(self, data: bytes, addr: Addr, now: float) -> None:
         chunk = decode_reply_chunk(data)
-        if chunk.request_id != self.request_id or addr not in self._seeds:
+        if chunk.request_id != self.request_id or addr not in self.seeds:
             raise WireError(DropReason.UNEXPECTED, "reply for another request")
         self._heard_from.add(addr)
         asm = self._assembly.get(addr)
@@ -539,7 +539,7 @@ class JoinClient:
         self._events.append(JoinFailed(reason))
 
     def _timeout_reason(self) -> str:
-        seeds = ", ".join(f"{h}:{p}" for h, p in self._seeds)
+        seeds = ", ".join(f"{h}:{p}" for h, p in self.seeds)
         if self._soft_errors:
             return f"join timed out: {self._soft_errors[-1]}"
         if self._heard_from:
