@@ -1,0 +1,811 @@
+"""A discrete-event network simulator driving many ``meshd.core.membership`` cores.
+
+Why it is built this way:
+
+* One virtual clock and one heap of ``(time, seq, kind, ...)`` entries: ``seq`` is
+  unique, so ties break in insertion order and a run is a pure function of the
+  scenario and its seed. Every random choice comes from a stream derived from the
+  seed by name (``random.Random("<seed>:net")``, ``"<seed>:node:<i>:<gen>"``...), so
+  adding a crash does not change the latencies other messages see, and string
+  seeding does not depend on ``PYTHONHASHSEED``.
+* The cores are driven only through their public API (``receive``, ``handle_timer``,
+  ``get_timer``, ``messages_to_send``, ``next_event``, ``add_member``,
+  ``broadcast``, ``members``), exactly as the agent will drive them. Each node has
+  at most one live timer entry: after every input the node's ``get_timer()`` is
+  re-armed under a fresh token and older entries are ignored when they pop.
+* Messages are passed as maps by default (the cores never mutate a received map);
+  with ``wire`` on each is ``wire.pack``-ed and ``wire.unpack``-ed, which is exact
+  but makes a run several times slower. Bytes are counted either way from
+  ``len(wire.pack(msg))`` of every message (or of every ``bytes_sample``-th one,
+  scaled up), plus the sealed envelope (``wire.SEALED_OVERHEAD``); IP and UDP
+  headers are not counted.
+* What the metrics need is tracked incrementally from the cores' events, never by
+  scanning views: a byte matrix of who sees whom in which state, and per observer
+  the number of live members it does not see ALIVE. "Every view complete" is then
+  the O(1) test ``wrong_total == 0``.
+"""
+
+from __future__ import annotations
+
+import gc
+import heapq
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Final
+
+from meshd.core import wire
+from meshd.core.membership import (
+    MAX_PIGGYBACK,
+    MemberJoined,
+    MemberRemoved,
+    Membership,
+    MemberState,
+    MemberStateChanged,
+    MemberView,
+    Piggyback,
+    Refuted,
+    Timing,
+    suspicion_bounds,
+)
+from simulations.scenario import Scenario
+
+Addr = tuple[str, int]
+PORT: Final = 7946
+#: What a sealed datagram carries beyond its msgpack body (header, key id, nonce, tag).
+ENVELOPE: Final = wire.SEALED_OVERHEAD
+#: The item kind of dissemination probes injected with ``broadcast``.
+SIM_ITEM: Final = "sim"
+
+# Heap entry kinds.
+_MSG: Final = 0  # (t, seq, _MSG, dst, src_addr, payload)
+_TIMER: Final = 1  # (t, seq, _TIMER, node, token, None)
+_PROC: Final = 2  # (t, seq, _PROC, dst, src_addr, payload, gen): a slow node handles it now
+_ACTION: Final = 3  # (t, seq, _ACTION, callable, None, None)
+_AE_TICK: Final = 4  # (t, seq, _AE_TICK, node, gen, None)
+_AE_REQ: Final = 5  # (t, seq, _AE_REQ, dst, src, items)
+_AE_RESP: Final = 6  # (t, seq, _AE_RESP, dst, src, items)
+
+# View codes in the who-sees-whom matrix.
+UNKNOWN: Final = 0
+ALIVE: Final = 1
+SUSPECT: Final = 2
+DEAD: Final = 3
+LEFT: Final = 4
+_CODE: Final = {
+    MemberState.ALIVE: ALIVE,
+    MemberState.SUSPECT: SUSPECT,
+    MemberState.DEAD: DEAD,
+    MemberState.LEFT: LEFT,
+}
+
+#: A node whose timer stays due after ``handle_timer`` this many times in a row is a
+#: core bug (it would spin the simulation at one instant forever).
+MAX_SPIN: Final = 1_000
+#: False positives kept individually (the rest are only counted).
+FP_KEEP: Final = 50
+
+
+def node_id(i: int) -> bytes:
+    """16-byte ids, as meshd uses; the index is readable in hex dumps."""
+    return b"sim-node" + i.to_bytes(8, "big")
+
+
+def node_addr(i: int) -> Addr:
+    return (f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}", PORT)
+
+
+@dataclass
+class CrashRecord:
+    node: int
+    at: float
+    restart_at: float | None
+    observers: list[int]  # live at the crash, the victim excluded
+    first_suspect: float | None = None
+    dead_at: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class BroadcastRecord:
+    bid: int
+    node: int
+    at: float
+    observers: list[int]  # live at injection, the origin included
+    reached: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class Watch:
+    """Time from ``since`` until every live node's view is complete (first time)."""
+
+    label: str
+    since: float
+    done_at: float | None = None
+
+
+@dataclass
+class SetupStats:
+    mode: str
+    wall_s: float
+    add_member_calls: int
+
+    @property
+    def us_per_add_member(self) -> float | None:
+        if not self.add_member_calls:
+            return None
+        return 1e6 * self.wall_s / self.add_member_calls
+
+
+class Simulation:
+    """One run of one scenario. ``run()`` once, then read the records (or ``metrics``)."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        *,
+        seed: int | None = None,
+        lifeguard: bool | None = None,
+        wire_mode: bool | None = None,
+    ) -> None:
+        self.scenario = scenario
+        self.seed = scenario.seed if seed is None else seed
+        self.timing: Timing = scenario.build_timing(lifeguard)
+        self.wire = scenario.wire if wire_mode is None else wire_mode
+        n = scenario.nodes
+        self.n = n
+        self.ids = [node_id(i) for i in range(n)]
+        self.addrs = [node_addr(i) for i in range(n)]
+        self.id_index = {x: i for i, x in enumerate(self.ids)}
+        self.addr_index = {a: i for i, a in enumerate(self.addrs)}
+        self.end = float(scenario.duration)
+        self.now = 0.0
+        self._heap: list[tuple[Any, ...]] = []
+        self._seq = 0
+        self.events_processed = 0
+
+        # Independent random streams, each named after its use.
+        self.net_rng = random.Random(f"{self.seed}:net")
+        self.plan_rng = random.Random(f"{self.seed}:plan")
+        self.ae_rng = random.Random(f"{self.seed}:anti-entropy")
+        self._latency = self._latency_sampler()
+
+        # Node instances and their bookkeeping.
+        self.nodes: list[Membership | None] = [None] * n
+        self.up = bytearray(n)
+        self.live = 0
+        self.generation = [0] * n
+        self.start_inc = [0] * n
+        self.last_inc = [-1] * n
+        self._armed = [-1] * n
+        self._armed_at = [math.nan] * n
+        self._spin = [0] * n
+
+        # Who sees whom: view[i][j] is i's view code of j; wrong[i] counts live j != i
+        # that i does not see ALIVE.
+        self.view: list[bytearray] = [bytearray(0)] * n
+        self.wrong = [0] * n
+        self.wrong_total = 0
+        self.suspect_pairs = 0
+        self.dead_pairs = 0
+
+        # Network state.
+        self.loss = scenario.loss
+        self._partitions: list[tuple[bytearray, bool]] = []
+        self.partition_sides: list[list[int]] = []
+        self.slow_nodes: list[int] = []
+        self._slow = [False] * n
+        self._slow_free = [0.0] * n
+
+        # Counters.
+        self.msgs_sent = [0] * n
+        self.bytes_sent = [0] * n
+        self.kinds: dict[str, int] = {}
+        self.dropped = {"loss": 0, "partition": 0, "down": 0, "unknown_addr": 0}
+        self.oversize = 0
+        self._byte_tick = 0
+        self.refutations = 0
+        self.node_seconds = 0.0
+        self._live_mark = 0.0
+        self.ae = {"exchanges": 0, "failed": 0, "bytes": 0, "items": 0}
+
+        # Records for the metrics.
+        self.crashes: list[CrashRecord] = []
+        self._down_record: list[CrashRecord | None] = [None] * n
+        # False positives are counted, not stored (a slow-node run has millions):
+        # (kind, inside a partition window, subject slow, observer slow) -> events.
+        self.fp_counts: dict[tuple[str, bool, bool, bool], int] = {}
+        self.fp_subjects: dict[str, set[int]] = {"dead": set(), "suspect": set()}
+        #: The first few, for reading a run: (time, kind, observer, subject, in window).
+        self.fp_first: list[tuple[float, str, int, int, bool]] = []
+        self.broadcasts: dict[int, BroadcastRecord] = {}
+        self.watches: list[Watch] = []
+        self.samples: list[dict[str, float]] = []
+        self.setup: SetupStats | None = None
+        self.wall_s = 0.0
+        self._fp_windows: list[tuple[float, float]] = []
+        self._drain_cap = 8 * n + 10_000
+        self._ran = False
+        #: Checked at every sample: return True to end the run there (tests stop at
+        #: convergence instead of simulating a worst-case bound to the end).
+        self.stop_when: Callable[[Simulation], bool] | None = None
+
+    # ------------------------------------------------------------------ scheduling
+
+    def _push(self, t: float, kind: int, a: Any, b: Any = None, c: Any = None) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (t, self._seq, kind, a, b, c))
+
+    def at(self, t: float, fn: Callable[[], None]) -> None:
+        """Run ``fn`` at simulated time ``t`` (scenario actions, test probes)."""
+        self._push(t, _ACTION, fn)
+
+    def _latency_sampler(self) -> Callable[[], float]:
+        lat = self.scenario.latency
+        rng = self.net_rng
+        lo, hi = lat.min, lat.max
+        if lat.dist == "uniform":
+            return lambda: rng.uniform(lo, hi)
+        mu, sigma = math.log(lat.median), lat.sigma
+        return lambda: min(max(rng.lognormvariate(mu, sigma), lo), hi)
+
+    # ---------------------------------------------------------------------- running
+
+    def run(self) -> Simulation:
+        """Bootstrap, schedule the scenario, run to ``duration``. Call once."""
+        if self._ran:
+            raise RuntimeError("a Simulation runs once; build a new one")
+        self._ran = True
+        wall0 = time.perf_counter()
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            self._bootstrap()
+            self._plan()
+            # Millions of long-lived member objects would make every full GC pass crawl
+            # through them; freezing moves them out of the collector's way.
+            gc.freeze()
+            if gc_was_enabled:
+                gc.enable()
+            self._loop()
+            self._account_live()
+        finally:
+            gc.unfreeze()
+            if gc_was_enabled:
+                gc.enable()
+        self.wall_s = time.perf_counter() - wall0
+        return self
+
+    def _loop(self) -> None:
+        heap = self._heap
+        pop = heapq.heappop
+        for _ in range(self.scenario.max_events):
+            if not heap or heap[0][0] > self.end:
+                break
+            entry = pop(heap)
+            self.now = entry[0]
+            kind = entry[2]
+            self.events_processed += 1
+            if kind == _MSG:
+                self._deliver(entry[3], entry[4], entry[5])
+            elif kind == _TIMER:
+                i = entry[3]
+                if self._armed[i] == entry[4]:
+                    m = self.nodes[i]
+                    assert m is not None
+                    self._armed[i] = -1
+                    m.handle_timer(self.now)
+                    self._after(i, m, from_timer=True)
+            elif kind == _PROC:
+                dst = entry[3]
+                m = self.nodes[dst]
+                if m is not None and self.generation[dst] == entry[6]:
+                    self._receive(dst, m, entry[4], entry[5])
+                else:
+                    self.dropped["down"] += 1
+            elif kind == _ACTION:
+                entry[3]()
+            else:
+                self._anti_entropy_event(kind, entry[3], entry[4], entry[5])
+        else:
+            raise RuntimeError(f"event budget of {self.scenario.max_events} exhausted")
+        self.now = max(self.now, self.end)
+
+    # ----------------------------------------------------------------- node inputs
+
+    def _deliver(self, dst: int, src: Addr, payload: Any) -> None:
+        m = self.nodes[dst]
+        if m is None:
+            self.dropped["down"] += 1
+            return
+        if self._slow[dst]:
+            sl = self.scenario.slow
+            if sl.start <= self.now < sl.end:
+                # FIFO: a slow node handles datagrams in arrival order, each late.
+                t = max(
+                    self.now + self.net_rng.uniform(sl.delay_min, sl.delay_max),
+                    self._slow_free[dst],
+                )
+                self._slow_free[dst] = t
+                self._seq += 1
+                heapq.heappush(
+                    self._heap, (t, self._seq, _PROC, dst, src, payload, self.generation[dst])
+                )
+                return
+        self._receive(dst, m, src, payload)
+
+    def _receive(self, dst: int, m: Membership, src: Addr, payload: Any) -> None:
+        body = wire.unpack(payload) if self.wire else payload
+        m.receive(body, src, self.now)
+        self._after(dst, m)
+
+    def _after(self, i: int, m: Membership, from_timer: bool = False) -> None:
+        """Carry out what one input produced: send, record events, re-arm the timer."""
+        out = m.messages_to_send()
+        if out:
+            for msg, dst_addr in out:
+                self._send(i, msg, dst_addr)
+        for _ in range(self._drain_cap):
+            ev = m.next_event()
+            if ev is None:
+                break
+            self._on_event(i, m, ev)
+        else:
+            raise RuntimeError(f"node {i} produced more than {self._drain_cap} events at once")
+        t = m.get_timer()
+        if t is None:
+            self._armed[i] = -1
+            return
+        now = self.now
+        if from_timer:
+            if t <= now:
+                self._spin[i] += 1
+                if self._spin[i] > MAX_SPIN:
+                    raise RuntimeError(f"node {i}: timer stays due at t={now} (core bug)")
+            else:
+                self._spin[i] = 0
+        if t < now:
+            t = now
+        if self._armed[i] != -1 and self._armed_at[i] == t:
+            return  # that entry is still pending
+        self._seq += 1
+        self._armed[i] = self._seq
+        self._armed_at[i] = t
+        heapq.heappush(self._heap, (t, self._seq, _TIMER, i, self._seq, None))
+
+    def _send(self, i: int, msg: dict[str, Any], dst_addr: Addr) -> None:
+        self.msgs_sent[i] += 1
+        k = msg["k"]
+        self.kinds[k] = self.kinds.get(k, 0) + 1
+        payload: Any = msg
+        if self.wire:
+            payload = wire.pack(msg)
+            size = len(payload)
+            self.bytes_sent[i] += size + ENVELOPE
+            if size > self.timing.max_packet:
+                self.oversize += 1
+        else:
+            self._byte_tick += 1
+            if self._byte_tick >= self.scenario.bytes_sample:
+                self._byte_tick = 0
+                size = len(wire.pack(msg))
+                self.bytes_sent[i] += (size + ENVELOPE) * self.scenario.bytes_sample
+                if size > self.timing.max_packet:
+                    self.oversize += 1
+        dst = self.addr_index.get(dst_addr)
+        if dst is None:
+            self.dropped["unknown_addr"] += 1
+            return
+        if self._partitions and self._blocked(i, dst):
+            self.dropped["partition"] += 1
+            return
+        if self.loss and self.net_rng.random() < self.loss:
+            self.dropped["loss"] += 1
+            return
+        self._seq += 1
+        heapq.heappush(
+            self._heap,
+            (self.now + self._latency(), self._seq, _MSG, dst, self.addrs[i], payload),
+        )
+
+    def _blocked(self, src: int, dst: int) -> bool:
+        for side, one_way in self._partitions:
+            a, b = side[src], side[dst]
+            if a != b and (not one_way or a):
+                return True
+        return False
+
+    # ----------------------------------------------------------------------- events
+
+    def _on_event(self, i: int, m: Membership, ev: Any) -> None:
+        tp = type(ev)
+        if tp is MemberStateChanged:
+            j = self.id_index[ev.node_id]
+            self._set_view(i, j, _CODE[ev.new])
+            if ev.new is MemberState.DEAD or ev.new is MemberState.SUSPECT:
+                self._on_accusation(i, j, ev.new is MemberState.DEAD, ev.incarnation)
+        elif tp is MemberJoined:
+            self._set_view(i, self.id_index[ev.node_id], ALIVE)
+        elif tp is Piggyback:
+            self._on_piggyback(i, m, ev.item)
+        elif tp is MemberRemoved:
+            self._set_view(i, self.id_index[ev.node_id], UNKNOWN)
+        elif tp is Refuted:
+            self.refutations += 1
+        # MemberAddressChanged cannot happen: addresses never change here.
+
+    def _on_accusation(self, i: int, j: int, dead: bool, inc: int) -> None:
+        now = self.now
+        if self.up[j] and inc >= self.start_inc[j]:
+            # About the current life of a running node: a false positive.
+            kind = "dead" if dead else "suspect"
+            in_window = any(s <= now <= e for s, e in self._fp_windows)
+            key = (kind, in_window, self._slow[j], self._slow[i])
+            self.fp_counts[key] = self.fp_counts.get(key, 0) + 1
+            self.fp_subjects[kind].add(j)
+            if len(self.fp_first) < FP_KEEP:
+                self.fp_first.append((round(now, 6), kind, i, j, in_window))
+            return
+        rec = self._down_record[j]
+        if rec is None:
+            return  # about an earlier life of a restarted node
+        if dead:
+            if i not in rec.dead_at:
+                rec.dead_at[i] = now
+        elif rec.first_suspect is None:
+            rec.first_suspect = now
+
+    def _on_piggyback(self, i: int, m: Membership, item: dict[str, Any]) -> None:
+        if item.get("k") != SIM_ITEM:
+            return
+        rec = self.broadcasts.get(item.get("n", -1))
+        if rec is None or i in rec.reached:
+            return
+        rec.reached[i] = self.now
+        # The owner re-broadcasts an item it accepted (the core's delegate model).
+        m.broadcast(item, b"sim:%d" % rec.bid)
+
+    def _set_view(self, i: int, j: int, code: int) -> None:
+        row = self.view[i]
+        old = row[j]
+        if old == code:
+            return
+        row[j] = code
+        if old == SUSPECT:
+            self.suspect_pairs -= 1
+        elif old == DEAD:
+            self.dead_pairs -= 1
+        if code == SUSPECT:
+            self.suspect_pairs += 1
+        elif code == DEAD:
+            self.dead_pairs += 1
+        if self.up[j] and i != j:
+            d = (code != ALIVE) - (old != ALIVE)
+            if d:
+                self.wrong[i] += d
+                self.wrong_total += d
+                if self.wrong_total == 0:
+                    self._converged()
+
+    def _converged(self) -> None:
+        for w in self.watches:
+            if w.done_at is None:
+                w.done_at = self.now
+
+    def watch(self, label: str) -> Watch:
+        """Record how long from now until every live node's view is complete."""
+        w = Watch(label, self.now, self.now if self.wrong_total == 0 else None)
+        self.watches.append(w)
+        return w
+
+    # ------------------------------------------------------------ node life cycle
+
+    def _new_core(self, i: int, inc: int) -> Membership:
+        gen = self.generation[i]
+        self.generation[i] = gen + 1
+        rng = random.Random(f"{self.seed}:node:{i}:{gen}")
+        return Membership(self.ids[i], self.addrs[i], self.timing, rng, self.now, inc)
+
+    def _account_live(self) -> None:
+        self.node_seconds += self.live * (self.now - self._live_mark)
+        self._live_mark = self.now
+
+    def _bootstrap(self) -> None:
+        s = self.scenario
+        n = self.n
+        t0 = time.perf_counter()
+        calls = 0
+        if s.bootstrap == "full":
+            # Every view complete at t=0: the state a cluster reaches once join and
+            # record sync are done, which is where failure detection starts.
+            ids, addrs = self.ids, self.addrs
+            for i in range(n):
+                m = self._new_core(i, 0)
+                for j in range(n):
+                    if j != i:
+                        m.add_member(ids[j], addrs[j], 0, 0.0)
+                calls += n - 1
+                for _ in range(n + 1):  # only MemberJoined events, already accounted for
+                    if m.next_event() is None:
+                        break
+                self.nodes[i] = m
+                row = bytearray(b"\x01") * n
+                row[i] = UNKNOWN
+                self.view[i] = row
+                self.up[i] = 1
+            self.live = n
+            for i in range(n):
+                node = self.nodes[i]
+                assert node is not None
+                self._after(i, node)
+                self._schedule_anti_entropy(i)
+        else:
+            seeds = list(range(s.seeds))
+            for i in seeds:
+                self._start(i, 0, [])
+            for i in seeds:
+                node = self.nodes[i]
+                assert node is not None
+                for j in seeds:
+                    if j != i:
+                        node.add_member(self.ids[j], self.addrs[j], 0, 0.0)
+                        calls += 1
+                self._after(i, node)
+            times = sorted(self.plan_rng.uniform(0, s.join_window) for _ in range(n - s.seeds))
+            for j, t in zip(range(s.seeds, n), times, strict=True):
+                self.at(t, partial(self._join, j, None))
+            self.at(times[-1] if times else 0.0, self._watch_join)
+        self.setup = SetupStats(s.bootstrap, time.perf_counter() - t0, calls)
+
+    def _watch_join(self) -> None:
+        self.watch("join")
+
+    def _start(self, j: int, inc: int, known: Iterable[MemberView]) -> Membership:
+        """A new instance of node ``j`` knowing ``known`` (a seed's view, or nothing)."""
+        self._account_live()
+        m = self._new_core(j, inc)
+        self.nodes[j] = m
+        self.up[j] = 1
+        self.live += 1
+        self.start_inc[j] = inc
+        self._down_record[j] = None
+        self._slow_free[j] = 0.0
+        self.view[j] = bytearray(self.n)
+        added = 0
+        for i in range(self.n):
+            if self.up[i] and i != j and self.view[i][j] != ALIVE:
+                self.wrong[i] += 1
+                added += 1
+        self.wrong[j] = self.live - 1
+        self.wrong_total += added + self.live - 1
+        for v in known:
+            if v.node_id != self.ids[j]:
+                m.add_member(v.node_id, v.addr, v.incarnation, self.now)
+        self._after(j, m)
+        self._schedule_anti_entropy(j)
+        return m
+
+    def _seed_view(self, seed: Membership) -> list[MemberView]:
+        """What a join reply carries: the seed's live members, the seed included."""
+        live = (MemberState.ALIVE, MemberState.SUSPECT)
+        return [v for v in seed.members() if v.state in live]
+
+    def _pick_live(self, prefer: Iterable[int] = ()) -> int | None:
+        """A random running node, from ``prefer`` when any of those runs."""
+        pool = [i for i in prefer if self.up[i]]
+        if not pool:
+            pool = [i for i in range(self.n) if self.up[i]]
+        return self.plan_rng.choice(pool) if pool else None
+
+    def _join(self, j: int, inc: int | None) -> None:
+        """Join (or rejoin after a crash) through a seed: take its view, be added by it.
+        The join round trip (milliseconds) is not simulated; gossip does the rest."""
+        seed_idx = self._pick_live(range(self.scenario.seeds) if inc is None else ())
+        known: list[MemberView] = []
+        seed = None if seed_idx is None else self.nodes[seed_idx]
+        if seed is not None:
+            known = self._seed_view(seed)
+        m = self._start(j, 0 if inc is None else inc, known)
+        if seed is not None and seed_idx is not None:
+            seed.add_member(self.ids[j], self.addrs[j], m.incarnation, self.now)
+            self._after(seed_idx, seed)
+
+    def crash(self, j: int, restart_at: float | None = None) -> None:
+        """Stop node ``j`` now: its pending timer and inbound datagrams are void."""
+        m = self.nodes[j]
+        if m is None:
+            return
+        self._account_live()
+        self.last_inc[j] = m.incarnation
+        self.nodes[j] = None
+        self.up[j] = 0
+        self.live -= 1
+        self._armed[j] = -1
+        row = self.view[j]
+        self.suspect_pairs -= row.count(SUSPECT)
+        self.dead_pairs -= row.count(DEAD)
+        self.wrong_total -= self.wrong[j]
+        self.wrong[j] = 0
+        for i in range(self.n):
+            if self.up[i] and self.view[i][j] != ALIVE:
+                self.wrong[i] -= 1
+                self.wrong_total -= 1
+        observers = [i for i in range(self.n) if self.up[i]]
+        rec = CrashRecord(j, self.now, restart_at, observers)
+        self.crashes.append(rec)
+        self._down_record[j] = rec
+        if self.wrong_total == 0:
+            self._converged()
+
+    def restart(self, j: int) -> None:
+        """A new instance of ``j`` with a higher incarnation than its last life, taking
+        its first view from a random running node (as a persisted view or a rejoin would)."""
+        if self.nodes[j] is not None:
+            return
+        rec = self._down_record[j]
+        if rec is not None:
+            rec.restart_at = self.now
+        self._join(j, self.last_inc[j] + 1)
+        self.watch(f"restart:{j}")
+
+    def inject(self, node: int, size: int) -> BroadcastRecord | None:
+        """Queue one opaque item at ``node`` and follow its spread."""
+        m = self.nodes[node]
+        if m is None:
+            return None
+        bid = len(self.broadcasts)
+        item = {"k": SIM_ITEM, "n": bid, "p": bytes(size)}
+        observers = [i for i in range(self.n) if self.up[i]]
+        rec = BroadcastRecord(bid, node, self.now, observers, {node: self.now})
+        self.broadcasts[bid] = rec
+        m.broadcast(item, b"sim:%d" % bid)
+        self._after(node, m)
+        return rec
+
+    # ------------------------------------------------------------------- the plan
+
+    def _plan(self) -> None:
+        """Turn the scenario's crashes, partitions, slow nodes and broadcasts into actions."""
+        s = self.scenario
+        n = self.n
+        rng = self.plan_rng
+        non_seed = list(range(s.seeds, n)) if s.bootstrap == "seeds" else list(range(n))
+        victims: list[int] = []
+        for c in s.crashes:
+            j = (
+                c.node
+                if c.node is not None
+                else rng.choice([x for x in non_seed if x not in victims])
+            )
+            victims.append(j)
+            self.at(c.at, partial(self.crash, j, c.restart_at))
+            if c.restart_at is not None:
+                self.at(c.restart_at, partial(self.restart, j))
+        low_high = suspicion_bounds(self.timing, n)
+        for p in s.partitions:
+            members = list(p.nodes) if p.nodes else rng.sample(range(n), round(p.fraction * n))
+            side = bytearray(n)
+            for i in members:
+                side[i] = 1
+            self.partition_sides.append(sorted(members))
+            entry = (side, p.one_way)
+            self.at(p.start, partial(self._partitions.append, entry))
+            self.at(p.end, partial(self._heal, entry))
+            # Accusations up to one maximal suspicion after a heal are partition effects.
+            self._fp_windows.append((p.start, p.end + low_high[1] + 5 * self.timing.probe_interval))
+        sl = s.slow
+        if sl.nodes or sl.count:
+            pool = [x for x in range(n) if x not in victims]
+            chosen = list(sl.nodes) if sl.nodes else rng.sample(pool, sl.count)
+            self.slow_nodes = sorted(chosen)
+            for i in chosen:
+                self._slow[i] = True
+        for b in s.broadcasts:
+            for k in range(b.count):
+                self.at(b.at + k * b.every, partial(self._inject_planned, b.node, b.size))
+        t = 0.0
+        for _ in range(int(s.duration / s.sample_interval) + 2):
+            self.at(t, self._sample)
+            t += s.sample_interval
+            if t > s.duration:
+                break
+
+    def _heal(self, entry: tuple[bytearray, bool]) -> None:
+        self._partitions.remove(entry)
+        self.watch("partition_heal")
+
+    def _inject_planned(self, node: int | None, size: int) -> None:
+        i = node if node is not None and self.up[node] else self._pick_live()
+        if i is not None:
+            self.inject(i, size)
+
+    def _sample(self) -> None:
+        if self.stop_when is not None and self.stop_when(self):
+            self.end = self.now  # the loop sees it before the next entry
+        self.samples.append(
+            {
+                "t": self.now,
+                "live": self.live,
+                "wrong_pairs": self.wrong_total,
+                "incomplete_nodes": sum(1 for w in self.wrong if w),
+                "suspect_pairs": self.suspect_pairs,
+                "dead_pairs": self.dead_pairs,
+                "msgs": sum(self.msgs_sent),
+                "bytes": sum(self.bytes_sent),
+            }
+        )
+
+    # ------------------------------------------------------------------ anti-entropy
+
+    def _schedule_anti_entropy(self, i: int) -> None:
+        iv = self.scenario.anti_entropy.interval
+        if iv > 0:
+            self._push(self.now + self.ae_rng.uniform(0, iv), _AE_TICK, i, self.generation[i])
+
+    def _anti_entropy_event(self, kind: int, a: Any, b: Any, c: Any) -> None:
+        """Push-pull: A sends its view to B; B merges it and answers with its own; A merges.
+        It runs over a stream (TCP in memberlist), so loss is ignored but partitions and
+        crashes are not."""
+        if kind == _AE_TICK:
+            i, gen = a, b
+            m = self.nodes[i]
+            if m is None or self.generation[i] != gen:
+                return
+            self._push(self.now + self.scenario.anti_entropy.interval, _AE_TICK, i, gen)
+            ok: tuple[MemberState, ...] = (MemberState.ALIVE, MemberState.SUSPECT)
+            if self.scenario.anti_entropy.include_dead:
+                ok = (*ok, MemberState.DEAD)
+            views = m.members()
+            peers = [v for v in views[1:] if v.state in ok]
+            if not peers:
+                return
+            peer = self.id_index[self.ae_rng.choice(peers).node_id]
+            self.ae["exchanges"] += 1
+            self._ae_send(_AE_REQ, i, peer, self._state_items(views, self.ids[i]))
+        elif kind == _AE_REQ:
+            dst, src, items = a, b, c
+            m = self.nodes[dst]
+            if m is None:
+                self.ae["failed"] += 1
+                return
+            self._merge(dst, m, src, items)
+            self._ae_send(_AE_RESP, dst, src, self._state_items(m.members(), self.ids[dst]))
+        else:
+            dst, src, items = a, b, c
+            m = self.nodes[dst]
+            if m is None:
+                self.ae["failed"] += 1
+                return
+            self._merge(dst, m, src, items)
+
+    def _ae_send(self, kind: int, src: int, dst: int, items: list[dict[str, Any]]) -> None:
+        size = len(wire.pack(items))
+        self.bytes_sent[src] += size
+        self.ae["bytes"] += size
+        self.ae["items"] += len(items)
+        if (self._partitions and self._blocked(src, dst)) or not self.up[dst]:
+            self.ae["failed"] += 1
+            return
+        self._push(self.now + self._latency(), kind, dst, src, items)
+
+    @staticmethod
+    def _state_items(views: list[MemberView], sender: bytes) -> list[dict[str, Any]]:
+        """A view as membership items, the way memberlist's mergeState reads a remote
+        state: dead becomes suspect so that the accused can still refute."""
+        out: list[dict[str, Any]] = []
+        for v in views:
+            if v.state is MemberState.ALIVE:
+                a = wire.format_hostport(v.addr)
+                out.append({"k": "alive", "id": v.node_id, "inc": v.incarnation, "a": a})
+            elif v.state is MemberState.LEFT:
+                out.append({"k": "left", "id": v.node_id, "inc": v.incarnation})
+            else:
+                out.append({"k": "suspect", "id": v.node_id, "inc": v.incarnation, "by": sender})
+        return out
+
+    def _merge(self, dst: int, m: Membership, src: int, items: list[dict[str, Any]]) -> None:
+        for k in range(0, len(items), MAX_PIGGYBACK):
+            m.receive({"k": "gossip", "g": items[k : k + MAX_PIGGYBACK]}, self.addrs[src], self.now)
+        self._after(dst, m)

@@ -1,0 +1,218 @@
+"""Simulation tests: a few hundred SWIM + Lifeguard cores on a simulated network.
+
+Each test states its bound from the core's own formulas (``suspicion_bounds``,
+``retransmit_limit``), so a change of defaults moves the bound with it. Runs are
+deterministic for a seed, so a failure reproduces with the same seed every time.
+The whole file takes well under a minute on two cores.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+
+from meshd.core.membership import retransmit_limit, suspicion_bounds
+from simulations import metrics, scenario
+from simulations.engine import Simulation
+from simulations.scenario import Scenario, ScenarioError
+
+LAN_NET: dict[str, Any] = {
+    "loss": 0.01,
+    "latency": {"dist": "lognormal", "median": 0.0005, "sigma": 0.5, "min": 0.0001, "max": 0.02},
+}
+
+
+def make(**doc: Any) -> Scenario:
+    doc.setdefault("network", LAN_NET)
+    return scenario.parse(doc, default_name="test")
+
+
+def run(sc: Scenario, **kw: Any) -> tuple[Simulation, dict[str, Any]]:
+    sim = Simulation(sc, **kw).run()
+    return sim, metrics.result(sim)
+
+
+# ------------------------------------------------------------------- the engine
+
+
+def small_mixed() -> Scenario:
+    """A bit of everything the engine does, small enough to run several times."""
+    return make(
+        nodes=60,
+        duration=40.0,
+        crash=[{"at": 5.0, "restart_at": 25.0}],
+        partition=[{"start": 8.0, "end": 14.0, "fraction": 0.2, "one_way": True}],
+        slow={"count": 3, "delay_min": 0.3, "delay_max": 0.9},
+        broadcast=[{"at": 3.0, "count": 3, "every": 4.0}],
+        anti_entropy={"interval": 10.0},
+    )
+
+
+def test_same_seed_same_metrics() -> None:
+    a = run(small_mixed(), seed=7)[1]
+    b = run(small_mixed(), seed=7)[1]
+    c = run(small_mixed(), seed=8)[1]
+    assert a == b
+    assert a["events"] > 10_000
+    assert a != c
+
+
+def test_wire_mode_changes_nothing_but_speed() -> None:
+    """Maps handed over directly behave exactly like maps through msgpack: the fast
+    default is faithful, and no packet exceeds ``max_packet``."""
+    sc = make(nodes=40, duration=20.0, crash=[{"at": 3.0}], broadcast=[{"at": 2.0}])
+    fast = run(sc, seed=3)[1]
+    exact = run(sc, seed=3, wire_mode=True)[1]
+    assert exact["traffic"]["oversize_packets"] == 0
+    for r in (fast, exact):
+        r.pop("wire")
+    assert fast == exact
+
+
+def test_restart_with_higher_incarnation_rejoins() -> None:
+    sc = make(nodes=50, duration=40.0, crash=[{"at": 2.0, "node": 9, "restart_at": 30.0}])
+    sim, r = run(sc, seed=2)
+    (crash,) = r["crashes"]
+    assert crash["fraction"] == 1.0  # everyone buried the old life before it came back
+    node = sim.nodes[9]
+    assert node is not None and node.incarnation == sim.last_inc[9] + 1
+    (w,) = r["convergence"]["watches"]
+    assert w["complete_after_s"] is not None
+    assert r["false_positives"]["dead"]["events"] == 0
+
+
+def test_join_through_seeds_completes_every_view() -> None:
+    """150 nodes join over 5 s through 3 seeds (each takes a seed's view and is added by
+    it); gossip plus push-pull must give everyone the whole cluster."""
+    sc = make(
+        nodes=150,
+        duration=40.0,
+        bootstrap={"mode": "seeds", "seeds": 3, "join_window": 5.0},
+        anti_entropy={"interval": 10.0},
+    )
+    sim = Simulation(sc, seed=9)
+    sim.stop_when = lambda s: all(w.done_at is not None for w in s.watches) and s.now > 5.0
+    sim.run()
+    r = metrics.result(sim)
+    (w,) = r["convergence"]["watches"]
+    assert w["label"] == "join"
+    assert w["complete_after_s"] is not None
+    assert sim.live == sc.nodes
+    assert r["false_positives"]["dead"]["events"] == 0
+
+
+def test_scenario_files_parse_and_typos_are_errors() -> None:
+    for name in scenario.STANDARD:
+        assert scenario.load(name).name == name
+    with pytest.raises(ScenarioError, match="lose"):
+        make(nodes=10, duration=1.0, network={"lose": 0.1})
+    with pytest.raises(ScenarioError, match="probe_intervall"):
+        make(nodes=10, duration=1.0, timing={"probe_intervall": 1.0})
+
+
+# ------------------------------------------------------------- failure detection
+
+
+def detection_bound(sc: Scenario, k_periods: int = 10) -> tuple[float, float]:
+    """(bound on the median, bound on the last) time to mark a crashed node DEAD.
+
+    * First suspicion: each of the n-1 others probes one random member per period, so
+      no one probes the victim for k periods with probability about e^-k (< 5e-5 for
+      k = 10); the probe then takes one more period to fail.
+    * Spread: an item is sent ``retransmit_limit`` times by each holder, one batch per
+      ``gossip_interval``; everyone has heard the suspicion within that allowance.
+    * Every node that heard it declares DEAD at the latest ``max`` after hearing it;
+      with Lifeguard's K confirmations the first declarer does so after ``min``, and
+      the DEAD spreads in the same allowance: that bounds the median.
+    """
+    t = sc.build_timing()
+    n = sc.nodes
+    low, high = suspicion_bounds(t, n)
+    first = (k_periods + 1) * t.probe_interval
+    spread = retransmit_limit(t.retransmit_mult, n) * t.gossip_interval
+    return first + low + spread, first + spread + high
+
+
+@pytest.fixture(scope="module")
+def crash_300() -> tuple[Scenario, dict[str, Any]]:
+    base = make(nodes=300, duration=1.0, crash=[{"at": 5.0}])
+    bound = detection_bound(base)[1]
+    sc = base.with_overrides(duration=5.0 + math.ceil(bound))
+    return sc, run(sc, seed=11)[1]
+
+
+def test_crash_detected_by_everyone_within_the_formula_bound(
+    crash_300: tuple[Scenario, dict[str, Any]],
+) -> None:
+    sc, r = crash_300
+    median_bound, last_bound = detection_bound(sc)
+    (crash,) = r["crashes"]
+    assert crash["observers"] == sc.nodes - 1
+    assert crash["fraction"] == 1.0
+    assert crash["dead_s"]["max"] <= last_bound
+    # Lifeguard's confirmations shrink the first timeout from max to min.
+    assert crash["dead_s"]["median"] <= median_bound
+    assert crash["dead_s"]["median"] >= suspicion_bounds(sc.build_timing(), sc.nodes)[0]
+
+
+def test_no_live_node_declared_dead_at_one_percent_loss(
+    crash_300: tuple[Scenario, dict[str, Any]],
+) -> None:
+    _, r = crash_300
+    tr = r["traffic"]
+    assert 0.005 < tr["dropped"]["loss"] / tr["messages"] < 0.015  # the loss really happened
+    assert r["false_positives"]["dead"]["events"] == 0
+    assert r["convergence"]["final_wrong_pairs"] == 0
+
+
+# ----------------------------------------------------------------------- partitions
+
+
+def test_partition_heals_with_push_pull() -> None:
+    """Half of 200 nodes cut off for 60 s: each side buries the other. After the heal,
+    push-pull (the agent model: every ``interval`` seconds with a random member, DEAD
+    ones included) must bring every view back within two intervals plus one maximal
+    suspicion (a refutation may wait for a second exchange and for gossip)."""
+    interval = 20.0
+    sc = make(
+        nodes=200,
+        duration=1.0,
+        partition=[{"start": 5.0, "end": 65.0}],
+        anti_entropy={"interval": interval},
+    )
+    high = suspicion_bounds(sc.build_timing(), sc.nodes)[1]
+    bound = 2 * interval + high
+    sc = sc.with_overrides(duration=65.0 + bound)
+    sim = Simulation(sc, seed=5)
+    sim.stop_when = lambda s: s.now > 65.0 and all(w.done_at is not None for w in s.watches)
+    sim.run()
+    r = metrics.result(sim)
+    # During the cut each side declared the other DEAD (the test means something)...
+    peak = max(x["dead_pairs"] for x in r["timeseries"])
+    assert peak >= 0.9 * 2 * 100 * 100
+    # ...and after it every live node sees every other live node ALIVE again.
+    (w,) = r["convergence"]["watches"]
+    assert w["label"] == "partition_heal"
+    assert w["complete_after_s"] is not None and w["complete_after_s"] <= bound
+    assert r["false_positives"]["dead"]["outside_partitions"] == 0
+
+
+# ------------------------------------------------------------------------ Lifeguard
+
+
+def test_lifeguard_gives_no_more_false_positives_with_slow_nodes() -> None:
+    """Slow members (every inbound datagram handled 0.5-2 s late) suspect healthy ones;
+    Lifeguard's local health must not make that worse, and in practice cuts it."""
+    sc = make(
+        nodes=150,
+        duration=25.0,
+        slow={"count": 8, "delay_min": 0.5, "delay_max": 2.0, "start": 5.0},
+    )
+    on = run(sc, seed=4, lifeguard=True)[1]["false_positives"]
+    off = run(sc, seed=4, lifeguard=False)[1]["false_positives"]
+    assert off["suspect"]["about_healthy_nodes"] > 0  # the anomaly is real
+    assert on["dead"]["events"] <= off["dead"]["events"]
+    assert on["suspect"]["events"] <= off["suspect"]["events"]
+    assert on["suspect"]["about_healthy_nodes"] <= off["suspect"]["about_healthy_nodes"]
