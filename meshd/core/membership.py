@@ -30,10 +30,13 @@ are O(n).
 from __future__ import annotations
 
 import enum
+import hashlib
 import heapq
 import math
 import random
-from collections import deque
+import struct
+import zlib
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -56,7 +59,25 @@ ACK: Final = "ack"
 PING_REQ: Final = "ping_req"
 NACK: Final = "nack"
 GOSSIP: Final = "gossip"
+PUSH_PULL: Final = "pp"
 MEMBER_ITEM_KINDS: Final = frozenset({"alive", "suspect", "dead", "left"})
+
+#: Push-pull digests have at most this many buckets (4-byte hashes: 512 bytes).
+MAX_PP_BUCKETS: Final = 128
+#: Aim for about this many members per digest bucket.
+PP_BUCKET_TARGET: Final = 16
+#: At most this many state entries are read from one push-pull message.
+MAX_PP_ENTRIES: Final = 128
+#: Push-pull sessions this node started and still accepts answers for.
+MAX_PP_SESSIONS: Final = 8
+#: An answer to a push-pull digest is accepted for this long.
+PP_SESSION_TTL: Final = 10.0
+#: Push-pull digests answered per second at most (an answer can be many datagrams).
+PP_SERVE_PER_SECOND: Final = 16
+#: States heard about members the owner has not vouched for yet (``learn_unknown=False``).
+MAX_PENDING: Final = 4_096
+_PP_HASH: Final = 4
+_PP_ENTRY: Final = struct.Struct(">QBQ")
 
 # "g" key (fixstr, 2 bytes) + array16 header (3 bytes): what adding piggyback costs
 # beyond the items themselves (the map header stays a fixmap).
@@ -72,6 +93,17 @@ class MemberState(enum.Enum):
     SUSPECT = "suspect"
     DEAD = "dead"
     LEFT = "left"
+
+
+_STATE_CODE: Final = {
+    MemberState.ALIVE: 0,
+    MemberState.SUSPECT: 1,
+    MemberState.DEAD: 2,
+    MemberState.LEFT: 3,
+}
+_CODE_STATE: Final = {v: k for k, v in _STATE_CODE.items()}
+#: Which of two states heard at one incarnation wins (SWIM: left > dead > suspect > alive).
+_PRECEDENCE: Final = _STATE_CODE
 
 
 @dataclass(frozen=True)
@@ -91,6 +123,9 @@ class Timing:
     tombstone_ttl: float = 3600.0
     lifeguard: bool = True
     max_packet: int = 1_200
+    #: Anti-entropy with one random member every this many seconds (scaled up beyond 32
+    #: members as memberlist's ``pushPullScale``); 0 turns it off.
+    push_pull_interval: float = 30.0
 
     def __post_init__(self) -> None:
         for name in ("probe_interval", "probe_timeout", "gossip_interval", "suspicion_mult"):
@@ -105,8 +140,10 @@ class Timing:
                 raise ValueError(f"{name} must not be negative")
         if self.awareness_max < 1:
             raise ValueError("awareness_max must be at least 1")
-        if self.gossip_to_dead < 0 or self.tombstone_ttl < 0:
-            raise ValueError("gossip_to_dead and tombstone_ttl must not be negative")
+        if self.gossip_to_dead < 0 or self.tombstone_ttl < 0 or self.push_pull_interval < 0:
+            raise ValueError(
+                "gossip_to_dead, tombstone_ttl and push_pull_interval must not be negative"
+            )
         if self.max_packet < 256:
             raise ValueError("max_packet must be at least 256 bytes")
 
@@ -122,9 +159,12 @@ PROFILES: Final[dict[str, Timing]] = {
         gossip_nodes=4,
         suspicion_mult=6.0,
         gossip_to_dead=60.0,
+        push_pull_interval=60.0,
     ),
     # Fast timers for tests, demos and simulations on one machine.
-    "local": Timing(probe_interval=0.2, probe_timeout=0.1, gossip_interval=0.05),
+    "local": Timing(
+        probe_interval=0.2, probe_timeout=0.1, gossip_interval=0.05, push_pull_interval=2.0
+    ),
 }
 
 
@@ -182,8 +222,23 @@ class Refuted:
     accused: int
 
 
+@dataclass(frozen=True)
+class SyncNeeded:
+    """Push-pull found that the member at ``addr`` holds newer owner data (a newer record
+    version, see :meth:`Membership.set_version`) for these members; the owner fetches it."""
+
+    addr: Addr
+    node_ids: tuple[bytes, ...]
+
+
 Event = (
-    MemberJoined | MemberStateChanged | MemberAddressChanged | MemberRemoved | Piggyback | Refuted
+    MemberJoined
+    | MemberStateChanged
+    | MemberAddressChanged
+    | MemberRemoved
+    | Piggyback
+    | Refuted
+    | SyncNeeded
 )
 
 
@@ -223,6 +278,14 @@ def expected_confirmations(timing: Timing, n: int) -> int:
     if not timing.lifeguard or k < 1 or n - 2 < k:
         return 0
     return k
+
+
+def push_pull_scale(interval: float, n: int) -> float:
+    """memberlist ``pushPullScale``: beyond 32 members the interval grows with log2(n / 32),
+    so that the cluster-wide rate of full-state exchanges grows only like n / log n."""
+    if n <= 32:
+        return interval
+    return interval * (math.ceil(math.log2(n) - math.log2(32)) + 1)
 
 
 def retransmit_limit(mult: int, n: int) -> int:
@@ -319,6 +382,16 @@ class _Relay:
     nacked: bool
 
 
+@dataclass(slots=True)
+class _PPSession:
+    """A push-pull this node started: where the digest went and whether it answered."""
+
+    addr: Addr
+    nb: int
+    expires: float
+    answered: bool = False
+
+
 _Key = tuple[int, bytes]
 _MEMBER_KEY: Final = 0
 _OWNER_KEY: Final = 1
@@ -395,6 +468,8 @@ _T_TOMB: Final = 2
 _T_DEAD_GOSSIP: Final = 3
 
 _Timer = tuple[float, int, int, bytes, Any]
+#: A push-pull entry: (id, incarnation, state code, owner version, address).
+_Entry = tuple[bytes, int, int, int, Addr]
 
 
 class Membership:
@@ -403,6 +478,11 @@ class Membership:
     ``self_id`` is this node's id; ids of other members must have the same length
     (16 bytes in meshd). ``incarnation`` must be higher than any this node used before
     a restart (the owner persists it), so the restarted node overrides its old DEAD.
+
+    With ``learn_unknown=False`` gossip and push-pull never add a member: only the
+    owner does, with :meth:`add_member`, once it has verified that member's signed
+    record. What is heard about unknown members meanwhile is remembered (bounded) and
+    applied when the member is added.
     """
 
     def __init__(
@@ -413,6 +493,8 @@ class Membership:
         rng: random.Random,
         now: float,
         incarnation: int = 0,
+        *,
+        learn_unknown: bool = True,
     ) -> None:
         if not self_id:
             raise ValueError("self_id must not be empty")
@@ -428,6 +510,14 @@ class Membership:
         self._alive = _Bag()
         self._suspect = _Bag()
         self._recent_dead = _Bag()  # DEAD for less than gossip_to_dead: still gossiped to
+        self._dead = _Bag()  # every DEAD member: push-pull partners too (partition healing)
+        self._learn_unknown = learn_unknown
+        self._pending: OrderedDict[bytes, tuple[MemberState, int, Addr]] = OrderedDict()
+        self._versions: dict[bytes, int] = {}
+        #: The owner's data version for this node itself (its record's seq in meshd).
+        self.self_version = 0
+        self._pp_sessions: dict[int, _PPSession] = {}
+        self._pp_served: deque[float] = deque()
         self._probe_list: list[bytes] = []
         self._probe_idx = 0
         self._probe: _Probe | None = None
@@ -446,6 +536,7 @@ class Membership:
         # (memberlist ``randomStagger``).
         self._next_probe = now + rng.uniform(0, timing.probe_interval)
         self._next_gossip = now + rng.uniform(0, timing.gossip_interval)
+        self._next_pp = now + rng.uniform(0, timing.push_pull_interval)
         self._queue_self_alive()
 
     # --------------------------------------------------------------------- properties
@@ -496,6 +587,8 @@ class Membership:
         times: list[float] = []
         if not self._left:
             times.append(self._next_probe)
+            if self.timing.push_pull_interval > 0:
+                times.append(self._next_pp)
         p = self._probe
         if p is not None:
             times.append(p.deadline if p.indirect else p.timeout_at)
@@ -510,17 +603,44 @@ class Membership:
 
     # ------------------------------------------------------------------------- inputs
 
-    def add_member(self, node_id: bytes, addr: Addr, incarnation: int, now: float) -> None:
-        """A member learned from a verified record, alive at ``incarnation``.
+    def add_member(
+        self,
+        node_id: bytes,
+        addr: Addr,
+        incarnation: int,
+        now: float,
+        state: MemberState = MemberState.ALIVE,
+    ) -> None:
+        """A member learned from a verified record, alive at ``incarnation`` (or in
+        ``state``, for an owner restoring a persisted view).
 
-        Applies the alive rule (only a higher incarnation changes a known member) but
-        does not gossip: the owner spreads the record itself.
+        Applies the SWIM rules (only a higher incarnation changes a known member), then
+        whatever was heard about the member while it was unknown. The alive is not
+        gossiped: the owner spreads the record itself.
         """
         if len(node_id) != self._id_len:
             raise ValueError(f"node ids are {self._id_len} bytes")
         if node_id == self.self_id:
             return
-        self._on_alive(node_id, incarnation, addr, now, gossip=False)
+        pending = self._pending.pop(node_id, None)
+        self._on_alive(node_id, incarnation, addr, now, gossip=False, create=True)
+        if state is not MemberState.ALIVE:
+            self._apply_state(node_id, state, incarnation, addr, self.self_id, now)
+        if pending is not None:
+            p_state, p_inc, p_addr = pending
+            self._apply_state(node_id, p_state, p_inc, p_addr, self.self_id, now)
+
+    def set_version(self, node_id: bytes, version: int) -> None:
+        """The owner's data version for a member (its record's seq): push-pull compares it
+        and reports :class:`SyncNeeded` where a partner has a newer one."""
+        if node_id == self.self_id:
+            self.self_version = version
+        else:
+            self._versions[node_id] = version
+
+    def push_pull(self, now: float, addr: Addr | None = None) -> None:
+        """Start an anti-entropy exchange now, with ``addr`` or a random member."""
+        self._start_push_pull(now, addr)
 
     def receive(self, body: dict[str, Any], addr: Addr, now: float) -> None:
         """Handle one decrypted, decoded message; malformed input is counted in ``drops``.
@@ -536,8 +656,12 @@ class Membership:
                 wire.as_list(m["g"], "piggyback", MAX_PIGGYBACK) if m.get("g") is not None else []
             )
             seq, to, sender, target_addr = 0, b"", b"", ("", 0)
+            pp: tuple[int, int, bytes, list[int], list[_Entry]] | None = None
             if kind == GOSSIP:
                 pass
+            elif kind == PUSH_PULL:
+                sender = self._id_field(m, "from")
+                pp = self._parse_pp(m)
             elif kind in (PING, ACK, NACK, PING_REQ):
                 seq = wire.int_field(m, "seq", 0, SEQ_MOD - 1)
                 sender = self._id_field(m, "from")
@@ -563,6 +687,8 @@ class Membership:
             self._on_nack(seq, sender)
         elif kind == PING_REQ:
             self._on_ping_req(seq, to, target_addr, addr, now)
+        elif pp is not None:
+            self._on_push_pull(pp, sender, addr, now)
 
     def handle_timer(self, now: float) -> None:
         """Fire everything due at ``now``; calling it early or late is harmless."""
@@ -578,6 +704,9 @@ class Membership:
             self._probe_failed(p, now)
         if not self._left and self._probe is None and now >= self._next_probe:
             self._start_probe(now)
+        if not self._left and self.timing.push_pull_interval > 0 and now >= self._next_pp:
+            self._next_pp = now + push_pull_scale(self.timing.push_pull_interval, self.cluster_size)
+            self._start_push_pull(now, None)
         if now >= self._next_gossip and self._bq:
             self._gossip()
             self._next_gossip += self.timing.gossip_interval
@@ -790,11 +919,24 @@ class Membership:
             else:
                 self._on_dead(node_id, inc, by, now)
 
-    def _on_alive(self, node_id: bytes, inc: int, addr: Addr, now: float, *, gossip: bool) -> None:
+    def _on_alive(
+        self,
+        node_id: bytes,
+        inc: int,
+        addr: Addr,
+        now: float,
+        *,
+        gossip: bool,
+        create: bool = False,
+    ) -> None:
         """SWIM: alive at a higher incarnation overrides suspect, dead and left (a deliberate
-        rejoin); equal or lower is old news. An unknown member is added."""
+        rejoin); equal or lower is old news. An unknown member is added (or only
+        remembered, if the owner vouches for members itself)."""
         m = self._members.get(node_id)
         if m is None:
+            if not (create or self._learn_unknown):
+                self._remember(node_id, MemberState.ALIVE, inc, addr)
+                return
             m = _Member(node_id, addr, inc, now)
             self._members[node_id] = m
             self._alive.add(node_id)
@@ -817,7 +959,10 @@ class Membership:
     def _on_suspect(self, node_id: bytes, inc: int, by: bytes, now: float) -> None:
         """SWIM suspicion, with Lifeguard's confirmations (memberlist ``suspectNode``)."""
         m = self._members.get(node_id)
-        if m is None or inc < m.inc:
+        if m is None:
+            self._remember(node_id, MemberState.SUSPECT, inc, None)
+            return
+        if inc < m.inc:
             return
         item = {"k": "suspect", "id": node_id, "inc": inc, "by": by}
         if m.state is MemberState.SUSPECT and m.susp is not None:
@@ -839,7 +984,10 @@ class Membership:
     def _on_dead(self, node_id: bytes, inc: int, by: bytes, now: float) -> None:
         """Dead at an incarnation >= ours overrides alive and suspect, never LEFT."""
         m = self._members.get(node_id)
-        if m is None or inc < m.inc or m.state is MemberState.LEFT:
+        if m is None:
+            self._remember(node_id, MemberState.DEAD, inc, None)
+            return
+        if inc < m.inc or m.state is MemberState.LEFT:
             return
         m.inc = inc
         if m.state is MemberState.DEAD:
@@ -850,7 +998,10 @@ class Membership:
     def _on_left(self, node_id: bytes, inc: int, now: float) -> None:
         """LEFT at an incarnation >= ours is final for that incarnation."""
         m = self._members.get(node_id)
-        if m is None or inc < m.inc:
+        if m is None:
+            self._remember(node_id, MemberState.LEFT, inc, None)
+            return
+        if inc < m.inc:
             return
         m.inc = inc
         if m.state is MemberState.LEFT:
@@ -879,6 +1030,7 @@ class Membership:
             self._suspect.discard(m.node_id)
         elif old is MemberState.DEAD:
             self._recent_dead.discard(m.node_id)
+            self._dead.discard(m.node_id)
         m.state = new
         m.since = now
         m.susp = None
@@ -894,6 +1046,7 @@ class Membership:
                 # memberlist gossip(): keep gossiping to the dead for a while, so that a
                 # falsely declared node hears it and refutes.
                 self._recent_dead.add(m.node_id)
+                self._dead.add(m.node_id)
                 self._push_timer(now + self.timing.gossip_to_dead, _T_DEAD_GOSSIP, m.node_id, now)
         self._events.append(MemberStateChanged(m.node_id, old, new, m.inc))
 
@@ -946,6 +1099,211 @@ class Membership:
         }
         self._queue_member(self.self_id, item)
 
+    # --------------------------------------------------------------------- push-pull
+
+    def _start_push_pull(self, now: float, addr: Addr | None) -> None:
+        """Anti-entropy (memberlist ``pushPull``, Demers et al. 1987), digest first: send
+        one hash per bucket of members; the partner answers with its entries of the
+        buckets that differ and we answer with ours, so two views in sync cost one small
+        datagram and a view that differs costs only what differs, chunked to
+        ``max_packet``. Partners are drawn from alive, suspect *and* dead members, so
+        that two halves of a healed partition, each having declared the other dead, find
+        each other again (Serf's reconnect does this outside memberlist)."""
+        if addr is None:
+            picked = self._sample((self._alive, self._suspect, self._dead), 1, set())
+            if not picked:
+                return
+            addr = self._members[picked[0]].addr
+        for sid in [s for s, x in self._pp_sessions.items() if x.expires <= now]:
+            del self._pp_sessions[sid]
+        while len(self._pp_sessions) >= MAX_PP_SESSIONS:
+            del self._pp_sessions[next(iter(self._pp_sessions))]
+        sid = self._next_seq()
+        nb = self._pp_buckets()
+        self._pp_sessions[sid] = _PPSession(addr, nb, now + PP_SESSION_TTL)
+        msg = {"k": PUSH_PULL, "ph": 0, "sid": sid, "from": self.self_id, "nb": nb}
+        msg["h"] = self._digest(nb)
+        self._out.append((msg, addr))
+
+    def _parse_pp(self, m: Mapping[str, Any]) -> tuple[int, int, bytes, list[int], list[_Entry]]:
+        """Validate a whole push-pull message before anything in it is applied."""
+        phase = wire.int_field(m, "ph", 0, 2)
+        sid = wire.int_field(m, "sid", 0, SEQ_MOD - 1)
+        nb = wire.int_field(m, "nb", 1, MAX_PP_BUCKETS)
+        if nb & (nb - 1):
+            raise WireError(DropReason.MALFORMED, "push-pull bucket count is not a power of 2")
+        if phase == 0:
+            return phase, sid, wire.bin_field(m, "h", nb * _PP_HASH), [], []
+        buckets = []
+        for b in wire.as_list(m.get("d"), "push-pull buckets", MAX_PP_BUCKETS):
+            if not isinstance(b, int) or isinstance(b, bool) or not 0 <= b < nb:
+                raise WireError(DropReason.MALFORMED, "push-pull bucket out of range")
+            buckets.append(b)
+        entries = []
+        for raw in wire.as_list(m.get("e"), "push-pull entries", MAX_PP_ENTRIES):
+            if not isinstance(raw, list) or len(raw) != 5:
+                raise WireError(DropReason.MALFORMED, "push-pull entry is not a 5-list")
+            nid, inc, code, ver, addr = raw
+            if not isinstance(nid, bytes) or len(nid) != self._id_len:
+                raise WireError(DropReason.MALFORMED, "push-pull entry id")
+            for v, hi in ((inc, 2**63 - 1), (code, 3), (ver, 2**63 - 1)):
+                if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= hi:
+                    raise WireError(DropReason.MALFORMED, "push-pull entry number")
+            entries.append((nid, inc, code, ver, wire.parse_endpoint(addr, "push-pull addr")))
+        return phase, sid, b"", buckets, entries
+
+    def _on_push_pull(
+        self,
+        pp: tuple[int, int, bytes, list[int], list[_Entry]],
+        sender: bytes,
+        addr: Addr,
+        now: float,
+    ) -> None:
+        phase, sid, digest, buckets, entries = pp
+        if phase == 0:
+            served = self._pp_served
+            while served and served[0] <= now - 1.0:
+                served.popleft()
+            if len(served) >= PP_SERVE_PER_SECOND:
+                self._drop(DropReason.RATE_LIMITED)
+                return
+            served.append(now)
+            nb = len(digest) // _PP_HASH
+            mine = self._digest(nb)
+            diff = [
+                b
+                for b in range(nb)
+                if mine[b * _PP_HASH : (b + 1) * _PP_HASH]
+                != digest[b * _PP_HASH : (b + 1) * _PP_HASH]
+            ]
+            if diff:
+                self._send_entries(1, sid, nb, diff, addr)
+            return
+        if phase == 1:
+            session = self._pp_sessions.get(sid)
+            if session is None:
+                self._drop(DropReason.STALE)
+                return
+            if not session.answered:
+                session.answered = True
+                self._send_entries(2, sid, session.nb, buckets, addr)
+        self._merge_entries(entries, sender, addr, now)
+
+    def _pp_buckets(self) -> int:
+        n = len(self._members) + 1
+        nb = 1
+        while nb < MAX_PP_BUCKETS and nb * PP_BUCKET_TARGET < n:
+            nb *= 2
+        return nb
+
+    def _entries(self) -> Iterable[tuple[bytes, int, int, int, str]]:
+        """This node's view as push-pull entries: (id, incarnation, state, version, addr)."""
+        me = MemberState.LEFT if self._left else MemberState.ALIVE
+        yield self.self_id, self._inc, _STATE_CODE[me], self.self_version, self._self_addr_text
+        versions = self._versions
+        for m in self._members.values():
+            code = _STATE_CODE[m.state]
+            yield m.node_id, m.inc, code, versions.get(m.node_id, 0), wire.format_hostport(m.addr)
+
+    def _digest(self, nb: int) -> bytes:
+        """One 4-byte BLAKE2b per bucket over the sorted (id, inc, state, version) of its
+        members; buckets by CRC-32 of the id (cheap, and even for any id scheme)."""
+        groups: list[list[bytes]] = [[] for _ in range(nb)]
+        pack = _PP_ENTRY.pack
+        mask = nb - 1
+        me = MemberState.LEFT if self._left else MemberState.ALIVE
+        groups[zlib.crc32(self.self_id) & mask].append(
+            self.self_id + pack(self._inc, _STATE_CODE[me], self.self_version)
+        )
+        versions = self._versions
+        for nid, m in self._members.items():
+            groups[zlib.crc32(nid) & mask].append(
+                nid + pack(m.inc, _STATE_CODE[m.state], versions.get(nid, 0))
+            )
+        out = bytearray()
+        for g in groups:
+            g.sort()
+            out += hashlib.blake2b(b"".join(g), digest_size=_PP_HASH).digest()
+        return bytes(out)
+
+    def _send_entries(self, phase: int, sid: int, nb: int, buckets: list[int], addr: Addr) -> None:
+        """Our entries of ``buckets``, in as many datagrams as ``max_packet`` needs (at
+        least one, so that the partner learns which buckets differ)."""
+        want = set(buckets)
+        mask = nb - 1
+        head = {"k": PUSH_PULL, "ph": phase, "sid": sid, "from": self.self_id, "nb": nb}
+        head["d"] = buckets
+        # Room left for entries: the array header grows to 3 bytes beyond 15 entries.
+        budget = self.timing.max_packet - len(wire.pack({**head, "e": []})) - 2
+        batch: list[list[Any]] = []
+        used = 0
+        sent = False
+        for nid, inc, code, ver, a in self._entries():
+            if zlib.crc32(nid) & mask not in want:
+                continue
+            entry = [nid, inc, code, ver, a]
+            size = len(wire.pack(entry))
+            if batch and (used + size > budget or len(batch) >= MAX_PP_ENTRIES):
+                self._out.append(({**head, "e": batch}, addr))
+                sent = True
+                batch, used = [], 0
+            batch.append(entry)
+            used += size
+        if batch or not sent:
+            self._out.append(({**head, "e": batch}, addr))
+
+    def _merge_entries(self, entries: list[_Entry], sender: bytes, addr: Addr, now: float) -> None:
+        """memberlist ``mergeState``: apply the partner's view with the gossip rules, except
+        that a remote DEAD only makes us suspect (we may know better, and suspicion lets
+        the accused refute); report owner data the partner has newer."""
+        behind: list[bytes] = []
+        for nid, inc, code, ver, a in entries:
+            state = _CODE_STATE[code]
+            if nid == self.self_id:
+                # Outbid a newer life of ours or any accusation (_refute ignores it once
+                # we have left).
+                if inc > self._inc or (state is not MemberState.ALIVE and inc >= self._inc):
+                    self._refute(inc)
+                continue
+            if state is MemberState.DEAD:
+                state = MemberState.SUSPECT
+            self._apply_state(nid, state, inc, a, sender, now)
+            if ver > self._versions.get(nid, 0):
+                behind.append(nid)
+        if behind:
+            self._events.append(SyncNeeded(addr, tuple(behind)))
+
+    def _apply_state(
+        self, nid: bytes, state: MemberState, inc: int, addr: Addr | None, by: bytes, now: float
+    ) -> None:
+        if state is MemberState.ALIVE:
+            if addr is not None:
+                self._on_alive(nid, inc, addr, now, gossip=True)
+        elif state is MemberState.SUSPECT:
+            self._on_suspect(nid, inc, by, now)
+        elif state is MemberState.DEAD:
+            self._on_dead(nid, inc, by, now)
+        else:
+            self._on_left(nid, inc, now)
+
+    def _remember(self, nid: bytes, state: MemberState, inc: int, addr: Addr | None) -> None:
+        """Keep the newest state heard about a member the owner has not added yet."""
+        if self._learn_unknown or nid == self.self_id:
+            return
+        cur = self._pending.get(nid)
+        if cur is not None:
+            c_state, c_inc, c_addr = cur
+            if (inc, _PRECEDENCE[state]) <= (c_inc, _PRECEDENCE[c_state]):
+                return
+            addr = addr or c_addr
+        if addr is None:
+            # A state without an address is kept only to shadow an alive we heard.
+            addr = ("", 0)
+        self._pending[nid] = (state, inc, addr)
+        self._pending.move_to_end(nid)
+        if len(self._pending) > MAX_PENDING:
+            self._pending.popitem(last=False)
+
     # ------------------------------------------------------------------------ timers
 
     def _push_timer(self, when: float, kind: int, node_id: bytes, token: Any) -> None:
@@ -987,6 +1345,8 @@ class Membership:
         elif kind == _T_TOMB:
             del self._members[node_id]
             self._recent_dead.discard(node_id)
+            self._dead.discard(node_id)
+            self._versions.pop(node_id, None)
             self._events.append(MemberRemoved(node_id))
         else:
             self._recent_dead.discard(node_id)
