@@ -12,6 +12,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import logging
 import os
 import secrets
 import socket
@@ -27,6 +28,7 @@ from meshd import persist
 from meshd.core import node as core
 from meshd.core.admission import cluster_id
 from meshd.core.join import JoinClient, JoinFailed, JoinSucceeded
+from meshd.core.membership import MemberRemoved, MemberState, MemberStateChanged, Refuted
 from meshd.core.node import Node
 from meshd.core.wire import Addr, format_hostport, split_hostport
 from meshd.state import DataDir, atomic_write
@@ -195,11 +197,25 @@ class Agent:
         self.node.leave(self.clock())
         self._pump()
         try:
-            return await asyncio.wait_for(asyncio.shield(self._leave_done), wait)
+            acknowledged = await asyncio.wait_for(asyncio.shield(self._leave_done), wait)
         except TimeoutError:
-            return False
-        finally:
-            self.stopped.set()
+            acknowledged = False
+        # Keep gossiping until our LEFT has been sent its retransmit limit (memberlist's
+        # Leave waits for its broadcast the same way), bounded in time.
+        timing = self.node.swim.timing
+        deadline = self.clock() + max(1.0, 20 * timing.gossip_interval)
+        for _ in range(1_000):  # bounded; the deadline ends it long before
+            if not self.node.swim.queued or self.clock() >= deadline:
+                break
+            await asyncio.sleep(timing.gossip_interval / 2)
+        self.stopped.set()
+        return acknowledged
+
+    def set_hostname(self, hostname: str | None) -> int:
+        """Publish a new record with another extra DNS name; returns the record's seq."""
+        self.node.set_hostname(hostname, self.clock())
+        self._pump()
+        return self.node.seq
 
     # --------------------------------------------------------------- core driving
 
@@ -272,6 +288,26 @@ class Agent:
             )
         elif isinstance(event, core.ControlFailed):
             log.warning("control request failed", op=event.op, reason=event.reason)
+        elif isinstance(event, MemberStateChanged):
+            rec = self.node.store.get(event.node_id)
+            log.log(
+                logging.WARNING
+                if event.new in (MemberState.SUSPECT, MemberState.DEAD)
+                else logging.INFO,
+                "member " + event.new.value,
+                name=rec.name if rec else None,
+                id=event.node_id.hex(),
+                was=event.old.value,
+                incarnation=event.incarnation,
+            )
+        elif isinstance(event, Refuted):
+            log.warning(
+                "refuted a suspicion of this node",
+                incarnation=event.incarnation,
+                accused=event.accused,
+            )
+        elif isinstance(event, MemberRemoved):
+            log.info("member forgotten", id=event.node_id.hex())
         elif isinstance(event, core.LeaveFinished):
             log.info("leave finished", acknowledged=event.acknowledged)
             if self._leave_done is not None and not self._leave_done.done():
@@ -322,27 +358,37 @@ class Agent:
             "endpoints": node.config.endpoints,
             "version": node.config.version,
             "uptime_s": round(self.clock() - self.metrics.started, 3),
+            "gossip": {
+                "incarnation": node.swim.incarnation,
+                "local_health": node.swim.local_health,
+                "probe_interval": node.swim.timing.probe_interval,
+                "push_pull_interval": node.swim.timing.push_pull_interval,
+            },
             "left": node.left,
         }
 
     def member_state(self, nid: bytes) -> str:
-        """Failure detection arrives with gossip membership; until then only self is alive."""
-        if nid == self.node.sign.node_id:
-            return "left" if self.node.left else "alive"
-        return "unknown"
+        """SWIM state; "unknown" for a record whose node is not in the SWIM view (it has
+        no endpoint to probe)."""
+        st = self.node.member_state(nid)
+        return st[0].value if st is not None else "unknown"
 
     def members(self) -> list[dict[str, Any]]:
         node = self.node
         out = []
         for rec in node.store:
             v4, v6 = rec.addresses(node.plan)
+            swim = node.swim.member(rec.node_id)
             out.append(
                 {
                     "id": rec.node_id.hex(),
                     "name": rec.name,
                     "hostname": rec.hostname,
-                    "state": self.member_state(rec.node_id),
-                    "incarnation": rec.seq,
+                    "state": swim.state.value if swim else "unknown",
+                    "incarnation": swim.incarnation if swim else None,
+                    "state_since": swim.since if swim else None,
+                    "gossip_addr": format_hostport(swim.addr) if swim else None,
+                    "record_seq": rec.seq,
                     "addresses": {"ipv4": str(v4), "ipv6": str(v6)},
                     "endpoints": list(rec.endpoints),
                     "nat_candidates": [],

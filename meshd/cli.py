@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -31,7 +32,9 @@ from meshd.core.admission import TokenError, mint_token
 from meshd.core.crypto import SigningKey, WireGuardKey
 from meshd.core.ipam import AddressPlan, IpamError
 from meshd.core.join import JoinClient, JoinFailed
+from meshd.core.membership import PROFILES, Timing
 from meshd.core.node import Node, NodeConfig
+from meshd.core.records import is_dns_label, normalize_hostname
 from meshd.core.wire import Keyring, format_hostport
 from meshd.state import DataDir, StateError
 
@@ -49,6 +52,7 @@ DEFAULTS: dict[str, Any] = {
     "token": None,
     "timeout": "30s",
     "wg_backend": "auto",
+    "profile": "lan",
     "http": "127.0.0.1:7947",
     "ttl": "24h",
     "uses": 1,
@@ -57,7 +61,6 @@ DEFAULTS: dict[str, Any] = {
     "log_format": "console",
     "log_level": "info",
 }
-NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
 class CliError(Exception):
@@ -124,13 +127,74 @@ class Options:
 
 
 def parse_duration(text: str | int | float) -> float:
-    """``90``, ``90s``, ``30m``, ``24h``, ``7d``."""
-    if isinstance(text, int | float):
+    """``90``, ``90s``, ``500ms``, ``30m``, ``24h``, ``7d``."""
+    if isinstance(text, int | float) and not isinstance(text, bool):
         return float(text)
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(text))
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|[smhd]?)\s*", str(text))
     if not m:
-        raise CliError(f"{text!r} is not a duration (use e.g. 90s, 30m, 24h, 7d)")
-    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+        raise CliError(f"{text!r} is not a duration (use e.g. 500ms, 90s, 30m, 24h, 7d)")
+    unit = {"": 1, "ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    return float(m.group(1)) * unit
+
+
+def resolve_timing(opts: Options) -> Timing:
+    """The ``--profile`` (lan, wan, local), then every ``[timing]`` key of the config file,
+    then ``MESHD_TIMING`` (``name=value,...``), then each ``--timing name=value``."""
+    profile = str(opts.get("profile"))
+    if profile not in PROFILES:
+        raise CliError(f"--profile must be one of {', '.join(PROFILES)}, got {profile!r}")
+    pairs: list[tuple[str, Any]] = []
+    table = opts.file.get("timing", {})
+    if not isinstance(table, dict):
+        raise CliError("the [timing] section of the config file must be a table")
+    pairs.extend(table.items())
+    env = os.environ.get("MESHD_TIMING", "")
+    items = [x for x in env.split(",") if x.strip()] + list(
+        getattr(opts.args, "timing", None) or []
+    )
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise CliError(f"--timing takes NAME=VALUE, got {item!r}")
+        pairs.append((name.strip(), value.strip()))
+    fields = {f.name: f for f in dataclasses.fields(Timing)}
+    changes: dict[str, Any] = {}
+    for name, value in pairs:
+        name = name.replace("-", "_")
+        f = fields.get(name)
+        if f is None:
+            raise CliError(f"unknown timing {name!r}; known: {', '.join(fields)}")
+        changes[name] = _timing_value(name, str(f.type), value)
+    try:
+        return dataclasses.replace(PROFILES[profile], **changes)
+    except ValueError as exc:
+        raise CliError(f"bad timing: {exc}") from None
+
+
+def _timing_value(name: str, typ: str, value: Any) -> Any:
+    if typ == "bool":
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "on", "1", "yes"):
+            return True
+        if str(value).lower() in ("false", "off", "0", "no"):
+            return False
+        raise CliError(f"timing {name} must be true or false, got {value!r}")
+    if typ == "int":
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise CliError(f"timing {name} must be a whole number, got {value!r}") from None
+    if name.endswith("_mult"):
+        return _float(name, value)
+    return parse_duration(value)  # every other float timing is a duration
+
+
+def _float(name: str, value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise CliError(f"timing {name} must be a number, got {value!r}") from None
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -161,6 +225,15 @@ def _add_join_opts(p: argparse.ArgumentParser) -> None:
 def _add_run_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wg-backend", choices=["auto", "kernel", "userspace", "none"])
     p.add_argument("--http", help="debug HTTP endpoint ADDR:PORT (default 127.0.0.1:7947)")
+    p.add_argument(
+        "--profile", choices=sorted(PROFILES), help="gossip timers: lan (default), wan, local"
+    )
+    p.add_argument(
+        "--timing",
+        action="append",
+        metavar="NAME=VALUE",
+        help="override one gossip timer, e.g. probe_interval=500ms (repeatable)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,13 +315,14 @@ def _node_settings(opts: Options) -> dict[str, Any]:
     else:
         adv = (_primary_address() if listen[0] in ("0.0.0.0", "::") else listen[0], listen[1])
     name = str(opts.get("name") or socket.gethostname().split(".")[0]).lower()
-    if not NAME_RE.match(name):
+    if not is_dns_label(name):
         raise CliError(f"node name {name!r} is not a DNS label (a-z, 0-9, '-', at most 63)")
     hostname = opts.get("hostname")
     if hostname is not None:
-        hostname = str(hostname).lower().rstrip(".")
-        if not all(NAME_RE.match(label) for label in hostname.split(".")) or len(hostname) > 253:
-            raise CliError(f"hostname {hostname!r} is not a valid DNS name")
+        try:
+            hostname = normalize_hostname(str(hostname))
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
     zone = str(opts.get("zone"))
     if not zone.endswith("."):
         zone += "."
@@ -352,11 +426,13 @@ def _print_identity(node: Node, what: str) -> None:
     sys.stdout.flush()
 
 
-def _load_member(opts: Options) -> tuple[DataDir, Node, dict[str, Any]]:
+def _load_member(
+    opts: Options, timing: Timing | None = None
+) -> tuple[DataDir, Node, dict[str, Any]]:
     """The node in the data dir, refusing a missing, corrupt or departed one."""
     datadir = opts.datadir()
     try:
-        node, settings = persist.load(datadir, time.time())
+        node, settings = persist.load(datadir, time.time(), timing)
     except StateError as exc:
         raise CliError(str(exc)) from None
     if node.left:
@@ -455,7 +531,8 @@ def cmd_run(opts: Options) -> None:
         raise CliError(
             f"--wg-backend {backend} is not available in this build yet; use auto or none"
         )
-    datadir, node, settings = _load_member(opts)
+    timing = resolve_timing(opts)
+    datadir, node, settings = _load_member(opts, timing)
     http = None if str(opts.get("http")).lower() == "off" else _hostport(opts, "http")
     asyncio.run(_run_agent(datadir, node, settings, http))
 

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from meshd.core.records import normalize_hostname
 from meshd.core.wire import Addr
 
 if TYPE_CHECKING:
@@ -49,19 +50,45 @@ def build_app(agent: Agent) -> web.Application:
             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
         )
 
-    async def leave(request: web.Request) -> web.Response:
+    def unauthorised(request: web.Request) -> web.Response | None:
         auth = request.headers.get("Authorization", "")
         expected = f"Bearer {agent.http_token}"
-        if not hmac.compare_digest(auth.encode(), expected.encode()):
-            return web.json_response(
-                {"error": "missing or wrong bearer token (see http.key in the data dir)"},
-                status=401,
-            )
+        if hmac.compare_digest(auth.encode(), expected.encode()):
+            return None
+        return web.json_response(
+            {"error": "missing or wrong bearer token (see http.key in the data dir)"},
+            status=401,
+        )
+
+    async def leave(request: web.Request) -> web.Response:
+        if (refused := unauthorised(request)) is not None:
+            return refused
         try:
             acknowledged = await agent.leave()
         except ValueError as exc:
             return web.json_response({"error": str(exc)}, status=409)
         return web.json_response({"left": True, "acknowledged": acknowledged})
+
+    async def record(request: web.Request) -> web.Response:
+        """Change this node's extra DNS name; the new record spreads by gossip."""
+        if (refused := unauthorised(request)) is not None:
+            return refused
+        try:
+            body = await request.json()
+        except ValueError:
+            return web.json_response({"error": "the body must be JSON"}, status=400)
+        host = body.get("hostname") if isinstance(body, dict) else None
+        try:
+            if not isinstance(body, dict) or set(body) != {"hostname"}:
+                raise ValueError('expected {"hostname": NAME or null}')
+            if host is not None:
+                host = normalize_hostname(host) if isinstance(host, str) else None
+                if host is None:
+                    raise ValueError("hostname must be a string or null")
+        except ValueError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        seq = agent.set_hostname(host)
+        return web.json_response({"hostname": host, "record_seq": seq})
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/v1/status", status)
@@ -69,6 +96,7 @@ def build_app(agent: Agent) -> web.Application:
     app.router.add_get("/v1/leases", leases)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/v1/leave", leave)
+    app.router.add_post("/v1/record", record)
     return app
 
 
@@ -114,7 +142,26 @@ class _AgentCollector(Collector):
         yield CounterMetricFamily(
             "meshd_verify_cache_misses", "Signature checks computed", value=cache.misses
         )
-        yield GaugeMetricFamily("meshd_members", "Members in this node's view", len(a.node.store))
+        members = GaugeMetricFamily(
+            "meshd_members", "Members in this node's view, by SWIM state", labels=["state"]
+        )
+        for state, count in sorted(a.status()["members"].items()):
+            members.add_metric([state], count)
+        yield members
+        swim_drops = CounterMetricFamily(
+            "meshd_gossip_dropped",
+            "Membership messages or items dropped, by reason",
+            labels=["reason"],
+        )
+        for reason, count in sorted(a.node.swim.drops.items()):
+            swim_drops.add_metric([reason], count)
+        yield swim_drops
+        yield GaugeMetricFamily(
+            "meshd_local_health", "Lifeguard local health (0 is healthy)", a.node.swim.local_health
+        )
+        yield GaugeMetricFamily(
+            "meshd_incarnation", "This node's SWIM incarnation", a.node.swim.incarnation
+        )
         yield GaugeMetricFamily(
             "meshd_is_leader", "1 if this node holds the cluster CA", int(a.node.is_leader)
         )

@@ -14,6 +14,7 @@ from typing import Any
 from meshd.core.admission import TokenLedger
 from meshd.core.crypto import SigningKey, WireGuardKey
 from meshd.core.ipam import AddressPlan, BlockAllocator, IpamError, LeaseTable
+from meshd.core.membership import MemberState, Timing
 from meshd.core.node import Node, NodeConfig, blob_from_json
 from meshd.core.wire import KEY_LEN, Keyring, WireError
 from meshd.state import DataDir, StateError
@@ -51,11 +52,17 @@ def save(datadir: DataDir, node: Node, settings: dict[str, Any]) -> None:
     datadir.write_state({**node.snapshot(), "settings": settings})
 
 
-def load(datadir: DataDir, now: float) -> tuple[Node, dict[str, Any]]:
-    """Rebuild the node from its data directory; StateError naming the file on any problem."""
+def load(datadir: DataDir, now: float, timing: Timing | None = None) -> tuple[Node, dict[str, Any]]:
+    """Rebuild the node from its data directory; StateError naming the file on any problem.
+
+    The SWIM incarnation restarts one above the persisted one, so this life of the node
+    outbids whatever the cluster last heard about the previous one (a DEAD included).
+    """
     state = datadir.read_state()
     path = datadir.path / "state.json"
     try:
+        swim = state.get("swim") or {"incarnation": 0, "view": {}}
+        view = {bytes.fromhex(k): (MemberState(v[0]), int(v[1])) for k, v in swim["view"].items()}
         cluster, me = state["cluster"], state["node"]
         plan = AddressPlan.from_dict(cluster["plan"])
         ring = datadir.read_key(KEY_KEYRING)
@@ -93,6 +100,9 @@ def load(datadir: DataDir, now: float) -> tuple[Node, dict[str, Any]]:
             records=[blob_from_json(x) for x in state.get("members", [])],
             leases=[blob_from_json(x) for x in state.get("leases", [])],
             left=bool(me.get("left", False)),
+            timing=timing,
+            incarnation=int(swim["incarnation"]) + 1,
+            view=view,
         )
     except StateError:
         raise

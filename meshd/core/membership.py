@@ -554,6 +554,11 @@ class Membership:
         return self._left
 
     @property
+    def queued(self) -> int:
+        """Piggyback items still to be sent (a leaving node waits for zero)."""
+        return len(self._bq)
+
+    @property
     def cluster_size(self) -> int:
         """Live members including this node: the ``n`` of every log-scaled formula."""
         return 1 + len(self._alive) + len(self._suspect)

@@ -10,12 +10,19 @@ would hand it out twice).
 Control traffic between members (token use, lease requests, releases) rides in
 SEALED packets and is additionally signed by the sender's node key; because node
 ids are hashes of keys, the receiver authenticates the sender without a lookup.
+
+Membership (SWIM + Lifeguard, :mod:`meshd.core.membership`) runs inside the node
+over the same sealed channel. The node is the membership's owner: a member exists
+only once its signed record has been verified (``learn_unknown=False``); records
+and lease changes spread as piggyback items and are re-broadcast only after they
+verified; push-pull reports records a partner has newer and the node fetches them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import random
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -35,6 +42,18 @@ from meshd.core.admission import (
 from meshd.core.crypto import NODE_ID_LEN, PUB_LEN, SignedBlob, SigningKey, WireGuardKey, node_id
 from meshd.core.ipam import AddressPlan, BlockAllocator, IpamError, LeaseTable, NoAvailableIps
 from meshd.core.join import JoinErrorCode, JoinGrant
+from meshd.core.membership import (
+    PROFILES,
+    MemberJoined,
+    MemberRemoved,
+    Membership,
+    MemberState,
+    MemberStateChanged,
+    Piggyback,
+    Refuted,
+    SyncNeeded,
+    Timing,
+)
 from meshd.core.records import Merge, PeerRecord, RecordStore, sign_record
 from meshd.core.wire import Addr, DropReason, Keyring, Kind, RandomBytes, WireError
 
@@ -48,6 +67,16 @@ PUSH_BUDGET: Final = 1_200
 MAX_GRANT_BYTES: Final = join.CHUNK_DATA * 200
 PARKED_MAX: Final = 256
 NO_BLOCK_HOLDOFF: Final = 10.0
+#: Largest sealed gossip datagram: it must cross any IPv6 path inside the overlay too.
+#: 1,280 (IPv6 minimum MTU) - 40 (IPv6) - 8 (UDP) - 32 (WireGuard header and tag) leaves
+#: 1,200 for the inner packet, minus its own IPv6 and UDP headers: 1,152.
+GOSSIP_MTU: Final = 1_152
+#: ``{"t": "swim", "m": ...}`` around a membership message.
+SWIM_WRAP: Final = 10
+#: Body budget handed to the membership core.
+SWIM_BUDGET: Final = GOSSIP_MTU - wire.SEALED_OVERHEAD - SWIM_WRAP
+#: Records asked for in one ``rq`` datagram (a push-pull answer names at most 128).
+MAX_RECORD_REQUEST: Final = 128
 
 
 class Op(enum.Enum):
@@ -89,7 +118,17 @@ class LeaveFinished:
     acknowledged: bool
 
 
-Event = MemberUpdated | Admitted | LeaseChanged | ControlFailed | LeaveFinished
+Event = (
+    MemberUpdated
+    | Admitted
+    | LeaseChanged
+    | ControlFailed
+    | LeaveFinished
+    | MemberJoined
+    | MemberStateChanged
+    | MemberRemoved
+    | Refuted
+)
 
 
 @dataclass
@@ -143,6 +182,9 @@ class Node:
         records: Iterable[SignedBlob] = (),
         leases: Iterable[SignedBlob] = (),
         left: bool = False,
+        timing: Timing | None = None,
+        incarnation: int = 0,
+        view: dict[bytes, tuple[MemberState, int]] | None = None,
     ) -> None:
         self.sign = sign
         self.wg = wg
@@ -182,6 +224,22 @@ class Node:
         self.view_dirty = False
         self.drops: dict[DropReason, int] = {}
         self.admitted = 0
+        timing = timing or PROFILES["lan"]
+        if timing.max_packet > SWIM_BUDGET:
+            timing = dataclasses.replace(timing, max_packet=SWIM_BUDGET)
+        self.swim = Membership(
+            self.sign.node_id,
+            _addr(config.endpoints[0]),
+            timing,
+            random.Random(int.from_bytes(random_bytes(16), "big")),
+            now,
+            incarnation,
+            learn_unknown=False,
+        )
+        #: Persisted SWIM states applied as the restored records are vouched for.
+        self._restored = view or {}
+        #: While the constructor replays persisted or granted state nothing is re-gossiped.
+        self._restoring = True
         for blob in my_leases:
             lease = self.store.verify_lease(blob)
             self._my_leases[lease.block] = lease
@@ -192,8 +250,15 @@ class Node:
         self._admission_blob = admission
         self.record = self._publish(now)  # verifies the chain of our own admission too
         self.admission: Admission = self.record.admission
+        self.swim.self_version = self.seq
+        if left:
+            self.swim.leave(now)
         for blob in records:
             self._count(self._offer_record, blob, now)
+        self._restored = {}
+        self._restoring = False
+        self._swim_events(now)
+        self._events.clear()  # restoring the view is not news
         self.view_dirty = False
 
     # ------------------------------------------------------------------ construction
@@ -249,6 +314,8 @@ class Node:
     # ------------------------------------------------------------------------ outputs
 
     def datagrams_to_send(self) -> list[tuple[bytes, Addr]]:
+        for msg, addr in self.swim.messages_to_send():
+            self._out.append((self._seal({"t": "swim", "m": msg}), addr))
         out, self._out = self._out, []
         return out
 
@@ -257,6 +324,9 @@ class Node:
 
     def get_timer(self) -> float | None:
         times = [p.next_try for p in self._pending.values()]
+        swim = self.swim.get_timer()
+        if swim is not None:
+            times.append(swim)
         times.extend(exp for exp, _ in self._token_ok.values())
         if self._replies:
             times.append(next(iter(self._replies.values()))[0] + REPLY_CACHE_TTL)
@@ -276,8 +346,11 @@ class Node:
                 raise WireError(DropReason.UNEXPECTED, f"{kind.name} sent to a member")
         except WireError as exc:
             self.drops[exc.reason] = self.drops.get(exc.reason, 0) + 1
+        self._swim_events(now)
 
     def handle_timer(self, now: float) -> None:
+        self.swim.handle_timer(now)
+        self._swim_events(now)
         for rid, p in list(self._pending.items()):
             if p.next_try > now:
                 continue
@@ -314,7 +387,14 @@ class Node:
         self.seq += 1
         self.record = self._publish(now)
         self.dirty = True
-        self._push_to_all([self.record.blob], ack=True)
+        self.swim.self_version = self.seq
+        self._broadcast_record(self.record)
+        self.swim.push_pull(now)  # catch up at once instead of within the interval
+
+    def set_hostname(self, hostname: str | None, now: float) -> None:
+        """Change the extra DNS name this node advertises and publish the new record."""
+        self.config.hostname = hostname
+        self.announce(now)
 
     def leave(self, now: float) -> None:
         """Release this node's address and blocks, then report :class:`LeaveFinished`."""
@@ -325,6 +405,7 @@ class Node:
         self._leaving = True
         self.left = True
         self.dirty = True
+        self.swim.leave(now)
         if self.is_leader:
             self._events.append(LeaveFinished(True))
             return
@@ -372,6 +453,12 @@ class Node:
             "tokens": self.ledger.to_dict(),
             "members": [_blob_json(r.blob) for r in self.store if r.node_id != self.sign.node_id],
             "leases": [_blob_json(x.blob) for x in self.store.leases()],
+            "swim": {
+                "incarnation": self.swim.incarnation,
+                "view": {
+                    v.node_id.hex(): [v.state.value, v.incarnation] for v in self.swim.members()[1:]
+                },
+            },
         }
 
     # ------------------------------------------------------------------ join serving
@@ -521,7 +608,6 @@ class Node:
             self.allocator.add_block(lease.block)
         self._offer_lease(lease.blob)
         self.dirty = True
-        self._push_to_all([], ack=False, leases=[lease.blob])
 
     def _grant(self, admission: Admission) -> JoinGrant:
         records: list[SignedBlob] = [self.record.blob]
@@ -552,21 +638,18 @@ class Node:
         return self.keyring.seal(wire.pack(body), self._rand)
 
     def _on_sealed(self, body: bytes, addr: Addr, now: float) -> None:
-        m = wire.as_map(wire.unpack(body, max_array=64), "sealed body")
+        m = wire.as_map(wire.unpack(body, max_array=256), "sealed body")
         t = wire.field(m, "t", str)
-        if t == "push":
+        if t == "swim":
+            self.swim.receive(wire.as_map(m.get("m"), "membership message"), addr, now)
+        elif t == "rq":
+            self._on_record_request(m, addr)
+        elif t == "push":
             self._on_push(m, addr, now)
         elif t == "ctl":
             self._on_control(SignedBlob.from_wire(m.get("m"), "control"), addr, now)
         else:
             raise WireError(DropReason.UNEXPECTED, f"sealed message type {t!r}")
-
-    def _push_to_all(
-        self, records: list[SignedBlob], *, ack: bool, leases: list[SignedBlob] | None = None
-    ) -> None:
-        for rec in self.store:
-            if rec.node_id != self.sign.node_id and rec.endpoints:
-                self._push(records, leases or [], _addr(rec.endpoints[0]), ack=ack)
 
     def _push(
         self, records: list[SignedBlob], leases: list[SignedBlob], addr: Addr, *, ack: bool
@@ -611,12 +694,93 @@ class Node:
         if merge in (Merge.NEW, Merge.UPDATED):
             self.view_dirty = True
             self._events.append(MemberUpdated(rec, merge))
+            # The block lease inside the admission replicates with the record.
+            self._count(self._offer_lease, rec.admission.lease.blob)
+            self._vouch(rec, now)
+            if not self._restoring:
+                self._broadcast_record(rec)
+
+    def _vouch(self, rec: PeerRecord, now: float) -> None:
+        """A verified record makes its node a member of the SWIM view."""
+        if not rec.endpoints:
+            return
+        state, inc = self._restored.get(rec.node_id, (MemberState.ALIVE, 0))
+        self.swim.add_member(rec.node_id, _addr(rec.endpoints[0]), inc, now, state)
+        self.swim.set_version(rec.node_id, rec.seq)
+
+    def _broadcast_record(self, rec: PeerRecord) -> None:
+        try:
+            self.swim.broadcast({"k": "rec", "r": rec.blob.to_wire()}, b"r" + rec.node_id)
+        except ValueError:
+            # Too large for one gossip datagram: it still spreads by push-pull requests.
+            self.drops[DropReason.TOO_LARGE] = self.drops.get(DropReason.TOO_LARGE, 0) + 1
 
     def _offer_lease(self, blob: SignedBlob) -> None:
         merge, lease = self.store.offer_lease(blob)
         if merge in (Merge.NEW, Merge.UPDATED):
             self.view_dirty = True
             self._events.append(LeaseChanged(lease))
+            if self._restoring:
+                return
+            self.swim.broadcast(
+                {"k": "lease", "l": blob.to_wire()}, b"l" + lease.block.to_bytes(4, "big")
+            )
+
+    # ------------------------------------------------------------------ membership
+
+    def _swim_events(self, now: float) -> None:
+        """Act on what the membership core reported; pass state changes on to the agent."""
+        while (ev := self.swim.next_event()) is not None:
+            if isinstance(ev, Piggyback):
+                self._on_item(ev.item, now)
+            elif isinstance(ev, SyncNeeded):
+                ids = list(ev.node_ids)
+                for i in range(0, len(ids), MAX_RECORD_REQUEST):
+                    batch = ids[i : i + MAX_RECORD_REQUEST]
+                    self._out.append((self._seal({"t": "rq", "ids": batch}), ev.addr))
+            elif isinstance(ev, Refuted):
+                self.dirty = True  # the new incarnation is on disk before it is sent
+                self._events.append(ev)
+            elif isinstance(ev, MemberRemoved):
+                # The tombstone expired: forget the record too (push-pull brings it back
+                # if the member is still around somewhere).
+                if ev.node_id != self.leader and self.store.remove(ev.node_id) is not None:
+                    self.view_dirty = True
+                self._events.append(ev)
+            elif isinstance(ev, MemberJoined | MemberStateChanged):
+                self.view_dirty = True
+                self._events.append(ev)
+
+    def _on_item(self, item: dict[str, Any], now: float) -> None:
+        kind = item.get("k")
+        if kind == "rec":
+            self._count(
+                lambda x: self._offer_record(SignedBlob.from_wire(x, "rec"), now), item.get("r")
+            )
+        elif kind == "lease":
+            self._count(
+                lambda x: self._offer_lease(SignedBlob.from_wire(x, "lease")), item.get("l")
+            )
+        else:
+            self.drops[DropReason.UNEXPECTED] = self.drops.get(DropReason.UNEXPECTED, 0) + 1
+
+    def _on_record_request(self, m: dict[str, Any], addr: Addr) -> None:
+        """A push-pull partner asks for records it found we hold newer."""
+        ids = wire.as_list(m.get("ids"), "record ids", MAX_RECORD_REQUEST)
+        recs = []
+        for nid in ids:
+            if not isinstance(nid, bytes) or len(nid) != NODE_ID_LEN:
+                raise WireError(DropReason.MALFORMED, "record request id")
+            rec = self.store.get(nid)
+            if rec is not None:
+                recs.append(rec.blob)
+        if recs:
+            self._push(recs, [], addr, ack=False)
+
+    def member_state(self, nid: bytes) -> tuple[MemberState, int] | None:
+        """(state, incarnation) of a member in this node's SWIM view, None if not in it."""
+        v = self.swim.member(nid)
+        return None if v is None else (v.state, v.incarnation)
 
     # -------------------------------------------------------------- control messages
 
@@ -723,7 +887,6 @@ class Node:
                     self.lease_table.release(block, who)
                     lease = sign_lease(self.ca, block, None, now, self._next_lease_seq(block))
                 self._offer_lease(lease.blob)
-                self._push_to_all([], ack=False, leases=[lease.blob])
             self.dirty = True
             if refused:
                 return {"ok": False, "err": f"invalid assignments for blocks {refused}"}

@@ -17,6 +17,7 @@ checked once, and the lease a block's records share is checked once for all of t
 from __future__ import annotations
 
 import enum
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -59,6 +60,22 @@ class PeerRecord:
 
     def addresses(self, plan: AddressPlan) -> tuple[IPv4Address, IPv6Address]:
         return plan.address(self.admission.offset)
+
+
+_LABEL_RE: Final = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def is_dns_label(text: str) -> bool:
+    """A lower-case LDH label of 1-63 characters (RFC 1035 section 2.3.1, RFC 1123)."""
+    return bool(_LABEL_RE.match(text))
+
+
+def normalize_hostname(text: str) -> str:
+    """Lower-case a host name and drop a trailing dot; ValueError if it is not one."""
+    name = text.lower().rstrip(".")
+    if not name or len(name) > MAX_HOSTNAME or not all(map(is_dns_label, name.split("."))):
+        raise ValueError(f"hostname {text!r} is not a valid DNS name")
+    return name
 
 
 def sign_record(

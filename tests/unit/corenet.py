@@ -105,6 +105,9 @@ class Net:
         )
         self.add(addr, node)
         self.settle()
+        # The new record spreads by gossip: wait (bounded) until every member has it.
+        nid = node.sign.node_id
+        self.run_until(lambda: all(n.store.get(nid) for n in self.nodes.values()) or None, 10)
         return node
 
     # -- driving -----------------------------------------------------------------------
