@@ -1,0 +1,224 @@
+"""Membership inside the node: records as the only way in, gossip, push-pull, persistence.
+
+Real node cores (real signatures) on the in-memory network of ``corenet`` with a
+fake clock and the LAN profile the agent uses by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from meshd import persist
+from meshd.cli import CliError, Options, resolve_timing
+from meshd.core import wire
+from meshd.core.membership import PROFILES, MemberState, suspicion_bounds
+from meshd.core.node import GOSSIP_MTU, Node
+from meshd.core.records import sign_record
+from meshd.core.wire import DropReason
+from meshd.state import DataDir
+
+from .corenet import Net
+from .test_core_join import LEADER, addr, token
+
+ALIVE, SUSPECT, DEAD, LEFT = (
+    MemberState.ALIVE,
+    MemberState.SUSPECT,
+    MemberState.DEAD,
+    MemberState.LEFT,
+)
+
+
+def cluster(n: int) -> tuple[Net, list[Node]]:
+    net = Net()
+    leader = net.init("leader", LEADER)
+    nodes = [leader]
+    for i in range(2, n + 1):
+        node = net.join(f"n{i}", addr(i), token(net, leader), [LEADER])
+        assert isinstance(node, Node), node
+        nodes.append(node)
+    return net, nodes
+
+
+def state(viewer: Node, subject: Node) -> MemberState | None:
+    st = viewer.member_state(subject.sign.node_id)
+    return None if st is None else st[0]
+
+
+def swim_packet(sender: Node, msg: dict[str, object]) -> bytes:
+    return sender.keyring.seal(wire.pack({"t": "swim", "m": msg}), sender._rand)
+
+
+def test_every_member_becomes_alive_everywhere() -> None:
+    net, nodes = cluster(5)
+    net.advance(3.0)
+    for v in nodes:
+        assert len(v.store) == 5
+        assert all(state(v, s) is ALIVE for s in nodes if s is not v)
+
+
+def test_gossip_datagrams_fit_the_overlay_mtu() -> None:
+    net, _ = cluster(5)
+    net.sent.clear()
+    net.advance(40.0)  # probes, gossip with records, a push-pull round
+    sizes = [len(d) for _, _, d in net.sent]
+    assert sizes and max(sizes) <= GOSSIP_MTU
+
+
+def test_a_crashed_member_is_declared_dead_by_all_and_nobody_else() -> None:
+    net, nodes = cluster(5)
+    net.advance(2.0)
+    victim = nodes[3]
+    del net.nodes[addr(4)]
+    _, high = suspicion_bounds(PROFILES["lan"], 5)
+    net.advance(high + 5.0)
+    others = [v for v in nodes if v is not victim]
+    assert all(state(v, victim) is DEAD for v in others)
+    assert all(state(v, s) is ALIVE for v in others for s in others if s is not v)
+
+
+def test_alive_gossip_about_an_unknown_node_adds_nobody() -> None:
+    net, nodes = cluster(2)
+    a, b = nodes
+    stranger = bytes(range(16))
+    pkt = swim_packet(b, {"k": "gossip", "g": [{"k": "alive", "id": stranger, "inc": 9,
+                                                 "a": "192.0.2.99:7946"}]})  # fmt: skip
+    a.receive(pkt, addr(2), net.now)
+    assert a.member_state(stranger) is None and a.store.get(stranger) is None
+
+
+def test_a_forged_record_is_dropped_and_never_regossiped() -> None:
+    net, nodes = cluster(3)
+    a, b, _ = nodes
+    forged = sign_record(
+        b.sign, seq=99, name="evil", hostname=None, wg_key=b.wg.public,
+        endpoints=["192.0.2.66:7946"], now=net.now, version="x", admission=a._admission_blob,
+    )  # fmt: skip
+    pkt = swim_packet(b, {"k": "gossip", "g": [{"k": "rec", "r": forged.to_wire()}]})
+    before = a.drops.get(DropReason.BAD_SIGNATURE, 0)
+    a.receive(pkt, addr(2), net.now)
+    assert a.drops.get(DropReason.BAD_SIGNATURE, 0) == before + 1
+    assert a.store.get(a.sign.node_id).seq != 99  # type: ignore[union-attr]
+    assert all(r.name != "evil" for r in a.store)
+    items = []
+    for k in range(50):  # ten seconds of a's gossip and probes, taken before sealing
+        a.swim.handle_timer(net.now + 0.2 * k)
+        items += [it for msg, _ in a.swim.messages_to_send() for it in msg.get("g", [])]
+    assert items and forged.to_wire() not in [it.get("r") for it in items]
+
+
+def test_garbage_swim_bodies_are_counted() -> None:
+    net, nodes = cluster(2)
+    a, b = nodes
+    for body in ({"t": "swim"}, {"t": "swim", "m": 5}, {"t": "rq", "ids": [b"x"]}):
+        a.receive(b.keyring.seal(wire.pack(body), b._rand), addr(2), net.now)
+    assert a.drops[DropReason.MALFORMED] == 3
+    a.receive(swim_packet(b, {"k": "nope"}), addr(2), net.now)
+    assert a.swim.drops["unexpected"] == 1
+
+
+def test_a_node_that_missed_a_join_catches_up_by_push_pull() -> None:
+    net, nodes = cluster(4)
+    net.advance(2.0)
+    deaf = nodes[3]
+    deaf_addr = addr(4)
+    net.drop_fn = lambda data, src, dst: dst == deaf_addr
+    late = net.join("late", addr(9), token(net, nodes[0]), [LEADER], max_time=5)
+    assert isinstance(late, Node)
+    net.advance(5.0)  # the new record's retransmissions are spent
+    assert deaf.store.get(late.sign.node_id) is None
+    net.drop_fn = lambda data, src, dst: False
+    interval = PROFILES["lan"].push_pull_interval
+    net.run_until(lambda: deaf.store.get(late.sign.node_id), interval + 5)
+    assert deaf.store.get(late.sign.node_id) is not None
+    assert state(deaf, late) is ALIVE
+
+
+def test_graceful_leave_spreads_left() -> None:
+    net, nodes = cluster(4)
+    net.advance(2.0)
+    leaver = nodes[2]
+    leaver.leave(net.now)
+    net.advance(5.0)
+    assert all(state(v, leaver) is LEFT for v in nodes if v is not leaver)
+
+
+def test_restart_restores_the_view_and_outbids_the_old_life(tmp_path: Path) -> None:
+    net, nodes = cluster(4)
+    net.advance(2.0)
+    victim, me = nodes[3], nodes[1]
+    del net.nodes[addr(4)]
+    net.advance(40.0)
+    assert state(me, victim) is DEAD
+    inc = me.swim.incarnation
+    d = DataDir(tmp_path / "me")
+    persist.save_new(d, me, {})
+    again, _ = persist.load(d, net.now)
+    assert again.swim.incarnation == inc + 1
+    assert state(again, victim) is DEAD  # not resurrected by the restart
+    assert all(state(again, s) is ALIVE for s in nodes if s not in (victim, me))
+
+
+def test_restarted_member_comes_back_alive(tmp_path: Path) -> None:
+    net, nodes = cluster(4)
+    net.advance(2.0)
+    victim = nodes[3]
+    d = DataDir(tmp_path / "victim")
+    persist.save_new(d, victim, {})
+    del net.nodes[addr(4)]
+    net.advance(40.0)
+    assert all(state(v, victim) is DEAD for v in nodes[:3])
+    again, _ = persist.load(d, net.now)
+    net.add(addr(4), again)
+    net.advance(5.0)
+    assert all(state(v, victim) is ALIVE for v in nodes[:3])
+
+
+# --------------------------------------------------------------------- timing options
+
+
+def opts(tmp_path: Path, *flags: str, config: str | None = None) -> Options:
+    ns = argparse.Namespace(profile=None, timing=list(flags) or None, config=None)
+    if config is not None:
+        path = tmp_path / "meshd.toml"
+        path.write_text(config)
+        ns.config = str(path)
+    return Options(ns)
+
+
+def test_timing_defaults_to_lan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MESHD_TIMING", raising=False)
+    monkeypatch.delenv("MESHD_PROFILE", raising=False)
+    assert resolve_timing(opts(tmp_path)) == PROFILES["lan"]
+
+
+def test_timing_file_env_then_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MESHD_PROFILE", "wan")
+    monkeypatch.setenv("MESHD_TIMING", "probe_timeout=2s,gossip_nodes=5")
+    o = opts(tmp_path, "probe_timeout=1500ms", "lifeguard=off",
+             config='[timing]\nprobe_timeout = "2.5s"\nsuspicion_mult = 5\n')  # fmt: skip
+    t = resolve_timing(o)
+    assert t.probe_interval == PROFILES["wan"].probe_interval
+    assert (t.probe_timeout, t.gossip_nodes, t.suspicion_mult, t.lifeguard) == (1.5, 5, 5.0, False)
+
+
+@pytest.mark.parametrize(
+    ("flag", "words"),
+    [
+        ("probe_intervall=1s", "unknown timing"),
+        ("probe_interval", "NAME=VALUE"),
+        ("probe_interval=soon", "not a duration"),
+        ("gossip_nodes=many", "whole number"),
+        ("lifeguard=maybe", "true or false"),
+        ("probe_timeout=5s", "must not exceed"),
+    ],
+)
+def test_bad_timing_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flag: str, words: str
+) -> None:
+    monkeypatch.delenv("MESHD_TIMING", raising=False)
+    monkeypatch.delenv("MESHD_PROFILE", raising=False)
+    with pytest.raises(CliError, match=words):
+        resolve_timing(opts(tmp_path, flag))
