@@ -9,6 +9,7 @@ and also decodes the stored bytes with the current decoders.
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from meshd.core import join, wire
 from meshd.core.admission import issue_admission, mint_token, sign_lease, token_secret
 from meshd.core.crypto import SigningKey, WireGuardKey
 from meshd.core.ipam import AddressPlan
+from meshd.core.membership import PROFILES, Membership
 from meshd.core.records import sign_record
 
 PATH = Path(__file__).with_name("vectors.json")
@@ -52,6 +54,21 @@ def build() -> dict[str, Any]:
     )
     body = wire.pack({"t": "push", "recs": [record.to_wire()], "leases": [], "ack": False})
     sealed = keyring.seal(body, lambda n: bytes(range(n)))
+    swim = {
+        "t": "swim",
+        "m": {
+            "k": "ping",
+            "seq": 7,
+            "to": leader.node_id,
+            "from": member.node_id,
+            "g": [
+                {"k": "rec", "r": record.to_wire()},
+                {"k": "alive", "id": member.node_id, "inc": 2, "a": "192.0.2.10:7946"},
+            ],
+        },
+    }
+    sealed_swim = keyring.seal(wire.pack(swim), lambda n: bytes(range(n)))
+    pp_digest, pp_entries = _push_pull(member.node_id, leader.node_id)
     token, claims = mint_token(token_key, leader.node_id, ca.public, seed(8)[:8], NOW, 3600, 1)
     secret = token_secret(token_key, claims.raw)
     request = join.encode_request(
@@ -85,6 +102,9 @@ def build() -> dict[str, Any]:
         "admission": adm.blob.encode().hex(),
         "record": record.encode().hex(),
         "sealed_push": sealed.hex(),
+        "sealed_swim_ping": sealed_swim.hex(),
+        "swim_pp_digest": pp_digest.hex(),
+        "swim_pp_entries": pp_entries.hex(),
         "token": token,
         "token_secret": secret.hex(),
         "join_request": request.hex(),
@@ -94,6 +114,25 @@ def build() -> dict[str, Any]:
         ).hex(),
         "join_reply": [p.hex() for p in reply],
     }
+
+
+def _push_pull(a_id: bytes, b_id: bytes) -> tuple[bytes, bytes]:
+    """A push-pull digest from node a (knows b) and b's answer (b knows a and one more)."""
+    a_addr, b_addr = ("192.0.2.10", 7946), ("192.0.2.1", 7946)
+    a = Membership(a_id, a_addr, PROFILES["lan"], random.Random(1), NOW, 2)
+    b = Membership(b_id, b_addr, PROFILES["lan"], random.Random(2), NOW, 1)
+    a.add_member(b_id, b_addr, 1, NOW)
+    b.add_member(a_id, a_addr, 2, NOW)
+    b.add_member(bytes(16), ("192.0.2.99", 7946), 5, NOW)
+    a.self_version, b.self_version = 3, 4
+    a.set_version(b_id, 4)
+    b.set_version(a_id, 3)
+    a.push_pull(NOW, b_addr)
+    [(digest, _)] = a.messages_to_send()
+    b.messages_to_send()
+    b.receive(digest, a_addr, NOW)
+    [(entries, _)] = b.messages_to_send()
+    return wire.pack(digest), wire.pack(entries)
 
 
 def main() -> None:

@@ -14,6 +14,8 @@ import functools
 import hashlib
 import hmac
 import json
+import random
+import struct
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
@@ -34,6 +36,7 @@ from meshd.core.admission import (
 )
 from meshd.core.crypto import SignedBlob, SigningKey, WireGuardKey, hkdf, node_id
 from meshd.core.ipam import AddressPlan
+from meshd.core.membership import PROFILES, Membership
 from meshd.core.records import RECORD_DOMAIN, verify_record
 from meshd.core.wire import DropReason, Keyring, Kind, WireError
 from protocols.vectors import generate
@@ -238,6 +241,44 @@ class TestSealedPush:
         with pytest.raises(WireError) as err:
             Keyring([seed(6)]).open(data)
         assert err.value.reason is DropReason.UNKNOWN_KEY
+
+
+class TestMembership:
+    def test_sealed_swim_ping_carries_a_record_and_an_alive(self) -> None:
+        body = Keyring([seed(5)]).open(raw("sealed_swim_ping"))
+        msg = wire.unpack(body)
+        assert msg["t"] == "swim" and msg["m"]["k"] == "ping" and msg["m"]["seq"] == 7
+        rec_item, alive = msg["m"]["g"]
+        rec = SignedBlob.from_wire(rec_item["r"], "record")
+        assert verify_record(rec, ca_public(), plan(), now()).node_id == MEMBER.node_id
+        assert alive == {"k": "alive", "id": MEMBER.node_id, "inc": 2, "a": "192.0.2.10:7946"}
+
+    def test_push_pull_digest_spec(self) -> None:
+        # section 8: one bucket; BLAKE2b-32 over the sorted id || u64 inc || u8 state ||
+        # u64 version entries of the bucket.
+        msg = wire.unpack(raw("swim_pp_digest"))
+        assert (msg["k"], msg["ph"], msg["nb"], msg["from"]) == ("pp", 0, 1, MEMBER.node_id)
+        entries = sorted(
+            [
+                MEMBER.node_id + struct.pack(">QBQ", 2, 0, 3),
+                LEADER.node_id + struct.pack(">QBQ", 1, 0, 4),
+            ]
+        )
+        assert msg["h"] == hashlib.blake2b(b"".join(entries), digest_size=4).digest()
+
+    def test_push_pull_answer_is_accepted(self) -> None:
+        digest = wire.unpack(raw("swim_pp_digest"))
+        answer = wire.unpack(raw("swim_pp_entries"))
+        assert answer["sid"] == digest["sid"] and answer["d"] == [0]
+        assert [e[0] for e in answer["e"]] == [LEADER.node_id, MEMBER.node_id, bytes(16)]
+        m = Membership(MEMBER.node_id, ("192.0.2.10", 7946), PROFILES["lan"],
+                       random.Random(1), now(), 2)  # fmt: skip
+        m.push_pull(now(), ("192.0.2.1", 7946))
+        [(mine, _)] = m.messages_to_send()
+        answer["sid"] = mine["sid"]
+        m.receive(answer, ("192.0.2.1", 7946), now())
+        assert m.drops == {}
+        assert m.member(bytes(16)) is not None  # learned from the answer
 
 
 class TestToken:
