@@ -122,14 +122,15 @@ class LocalCluster:
             self.stop(name)
 
     def wait_converged(self, names: list[str], timeout: float = 20.0) -> float:
-        """Seconds until every named agent lists every named member."""
+        """Seconds until every named agent lists every named member as alive."""
         start = time.monotonic()
         want = set(names)
         while time.monotonic() - start < timeout:
             views = []
             for n in names:
                 with contextlib.suppress(OSError, ValueError):
-                    views.append({m["name"] for m in self.get(n, "/v1/members")["members"]})
+                    members = self.get(n, "/v1/members")["members"]
+                    views.append({m["name"] for m in members if m["state"] == "alive"})
             if len(views) == len(names) and all(v >= want for v in views):
                 return time.monotonic() - start
             time.sleep(0.05)

@@ -6,6 +6,7 @@ fixture's teardown); all traffic stays on 127.0.0.1.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -13,9 +14,12 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -202,6 +206,8 @@ def test_leave_releases_and_stops(cluster: LocalCluster) -> None:
     proc = cluster.procs["n2"]
     proc.wait(10)
     assert proc.returncode == 0
+    states = {m["name"]: m["state"] for m in cluster.get("leader", "/v1/members")["members"]}
+    assert states == {"leader": "alive", "n2": "left"}
     # the leader freed n2's address: the next joiner gets it
     res = cluster.join("n3", "leader", cluster.token("leader"))
     assert res.returncode == 0, res.stderr
@@ -256,3 +262,42 @@ def test_up_joins_once_then_just_runs(cluster: LocalCluster, tmp_path: Path) -> 
     cluster.wait_converged(["leader"])
     names = {m["name"] for m in cluster.get("leader", "/v1/members")["members"]}
     assert names == {"leader", "upnode"}
+
+
+def post(c: LocalCluster, name: str, path: str, body: bytes, token: str | None) -> tuple[int, Any]:
+    req = urllib.request.Request(f"http://127.0.0.1:{c.http[name]}{path}", data=body,
+                                 method="POST")  # fmt: skip
+    if token is not None:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_hostname_change_spreads_to_every_member(cluster: LocalCluster) -> None:
+    started_leader(cluster)
+    for name in ("n2", "n3"):
+        assert cluster.join(name, "leader", cluster.token("leader")).returncode == 0
+        cluster.start(name)
+    cluster.wait_converged(["leader", "n2", "n3"])
+    token = (cluster.datadir("n3") / "http.key").read_text().strip()
+    raw = base64.b64decode(token).hex()
+    body = json.dumps({"hostname": "DB.Example."}).encode()
+    assert post(cluster, "n3", "/v1/record", body, None)[0] == 401
+    assert post(cluster, "n3", "/v1/record", b"{", raw)[0] == 400
+    code, answer = post(cluster, "n3", "/v1/record", b'{"hostname": "bad name"}', raw)
+    assert code == 400 and "not a valid DNS name" in answer["error"]
+    code, answer = post(cluster, "n3", "/v1/record", body, raw)
+    assert code == 200 and answer["hostname"] == "db.example"
+    deadline = time.monotonic() + 10
+    seen: dict[str, object] = {}
+    while time.monotonic() < deadline:
+        for viewer in ("leader", "n2"):
+            members = cluster.get(viewer, "/v1/members")["members"]
+            seen[viewer] = next(m["hostname"] for m in members if m["name"] == "n3")
+        if all(v == "db.example" for v in seen.values()):
+            break
+        time.sleep(0.05)
+    assert seen == {"leader": "db.example", "n2": "db.example"}
