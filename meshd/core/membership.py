@@ -973,8 +973,13 @@ class Membership:
         if m.state is MemberState.SUSPECT and m.susp is not None:
             m.inc = inc  # a higher one means we missed a refutation and a new accusation
             if m.susp.confirm(by):
-                self._push_timer(m.susp.deadline, _T_SUSPECT, node_id, m.susp)
                 self._queue_member(node_id, item)  # confirmations must spread too
+                if m.susp.deadline <= now:
+                    # The shrunken timeout has already passed (memberlist's Confirm fires
+                    # at once then): dead now, not at the owner's next wake-up.
+                    self._on_dead(node_id, m.inc, self.self_id, now)
+                else:
+                    self._push_timer(m.susp.deadline, _T_SUSPECT, node_id, m.susp)
             return
         if m.state is not MemberState.ALIVE:
             return
