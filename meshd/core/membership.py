@@ -212,6 +212,8 @@ class Piggyback:
     """
 
     item: dict[str, Any]
+    #: Where the datagram carrying it came from: a member that holds what it announces.
+    addr: Addr | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -681,7 +683,7 @@ class Membership:
             return
         for raw in raw_items:
             try:
-                self._on_item(raw, now)
+                self._on_item(raw, addr, now)
             except WireError as exc:
                 self._drop(exc.reason)
         if kind == PING:
@@ -891,11 +893,11 @@ class Membership:
 
     # ----------------------------------------------------------------- gossip items
 
-    def _on_item(self, raw: Any, now: float) -> None:
+    def _on_item(self, raw: Any, src: Addr, now: float) -> None:
         item = wire.as_map(raw, "piggyback item")
         kind = wire.field(item, "k", str)
         if kind not in MEMBER_ITEM_KINDS:
-            self._events.append(Piggyback(item))
+            self._events.append(Piggyback(item, src))
             return
         node_id = self._id_field(item, "id")
         inc = wire.int_field(item, "inc")

@@ -62,7 +62,7 @@ def build() -> dict[str, Any]:
             "to": leader.node_id,
             "from": member.node_id,
             "g": [
-                {"k": "rec", "r": record.to_wire()},
+                {"k": "v", "id": member.node_id, "s": 3},
                 {"k": "alive", "id": member.node_id, "inc": 2, "a": "192.0.2.10:7946"},
             ],
         },

@@ -89,14 +89,17 @@ def test_alive_gossip_about_an_unknown_node_adds_nobody() -> None:
     assert a.member_state(stranger) is None and a.store.get(stranger) is None
 
 
-def test_a_forged_record_is_dropped_and_never_regossiped() -> None:
+def test_a_forged_record_is_dropped_and_never_announced() -> None:
     net, nodes = cluster(3)
     a, b, _ = nodes
     forged = sign_record(
         b.sign, seq=99, name="evil", hostname=None, wg_key=b.wg.public,
         endpoints=["192.0.2.66:7946"], now=net.now, version="x", admission=a._admission_blob,
     )  # fmt: skip
-    pkt = swim_packet(b, {"k": "gossip", "g": [{"k": "rec", "r": forged.to_wire()}]})
+    # A pulled record arrives as a push (the answer to an ``rq``).
+    pkt = b.keyring.seal(
+        wire.pack({"t": "push", "recs": [forged.to_wire()], "leases": [], "ack": False}), b._rand
+    )
     before = a.drops.get(DropReason.BAD_SIGNATURE, 0)
     a.receive(pkt, addr(2), net.now)
     assert a.drops.get(DropReason.BAD_SIGNATURE, 0) == before + 1
@@ -106,7 +109,51 @@ def test_a_forged_record_is_dropped_and_never_regossiped() -> None:
     for k in range(50):  # ten seconds of a's gossip and probes, taken before sealing
         a.swim.handle_timer(net.now + 0.2 * k)
         items += [it for msg, _ in a.swim.messages_to_send() for it in msg.get("g", [])]
-    assert items and forged.to_wire() not in [it.get("r") for it in items]
+    assert items and not [it for it in items if it.get("k") == "v" and it.get("s") == 99]
+
+
+def test_an_announcement_pulls_the_record_from_its_sender_once() -> None:
+    net, nodes = cluster(3)
+    a, b, c = nodes
+    net.advance(2.0)
+    b.set_hostname("db.example", net.now)  # b's record goes to seq + 1
+    seq = b.seq
+    for viewer in (a, c):
+        assert viewer.store.get(b.sign.node_id).seq < seq  # type: ignore[union-attr]
+    announce = swim_packet(c, {"k": "gossip", "g": [{"k": "v", "id": b.sign.node_id, "s": seq}]})
+    for _ in range(3):  # repeated announcements within a second: one request
+        a.receive(announce, addr(2), net.now)
+    out = a.datagrams_to_send()
+    rqs = [(a.keyring.open(d), dst) for d, dst in out]
+    rqs = [(wire.unpack(body), dst) for body, dst in rqs]
+    rqs = [(m, dst) for m, dst in rqs if m["t"] == "rq"]
+    assert rqs == [({"t": "rq", "ids": [b.sign.node_id]}, addr(2))]
+
+
+def test_record_changes_spread_as_announcements() -> None:
+    net, nodes = cluster(6)
+    net.advance(3.0)
+    net.sent.clear()
+    nodes[4].set_hostname("db.example", net.now)
+    net.run_until(
+        lambda: (
+            all(
+                n.store.get(nodes[4].sign.node_id).hostname == "db.example"  # type: ignore[union-attr]
+                for n in nodes
+            )
+            or None
+        ),
+        5.0,
+    )
+    assert all(n.store.get(nodes[4].sign.node_id).hostname == "db.example" for n in nodes)  # type: ignore[union-attr]
+    # The full record crossed the network about once per member, not once per
+    # retransmission: pushes are the pulled records.
+    pushes = 0
+    for _, _, data in net.sent:
+        body = wire.unpack(nodes[0].keyring.open(data)) if data[1] == 1 else None
+        if body and body["t"] == "push":
+            pushes += len(body["recs"])
+    assert pushes <= 2 * (len(nodes) - 1)
 
 
 def test_garbage_swim_bodies_are_counted() -> None:

@@ -244,13 +244,12 @@ class TestSealedPush:
 
 
 class TestMembership:
-    def test_sealed_swim_ping_carries_a_record_and_an_alive(self) -> None:
+    def test_sealed_swim_ping_carries_an_announcement_and_an_alive(self) -> None:
         body = Keyring([seed(5)]).open(raw("sealed_swim_ping"))
         msg = wire.unpack(body)
         assert msg["t"] == "swim" and msg["m"]["k"] == "ping" and msg["m"]["seq"] == 7
-        rec_item, alive = msg["m"]["g"]
-        rec = SignedBlob.from_wire(rec_item["r"], "record")
-        assert verify_record(rec, ca_public(), plan(), now()).node_id == MEMBER.node_id
+        announcement, alive = msg["m"]["g"]
+        assert announcement == {"k": "v", "id": MEMBER.node_id, "s": 3}
         assert alive == {"k": "alive", "id": MEMBER.node_id, "inc": 2, "a": "192.0.2.10:7946"}
 
     def test_push_pull_digest_spec(self) -> None:
