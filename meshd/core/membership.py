@@ -567,17 +567,20 @@ class Membership:
 
     def members(self) -> list[MemberView]:
         """This node first, then every member in the view (tombstones included). O(n)."""
-        me = MemberState.LEFT if self._left else MemberState.ALIVE
-        out = [MemberView(self.self_id, self.self_addr, me, self._inc, self._since)]
+        out = [self._self_view()]
         out.extend(
             MemberView(m.node_id, m.addr, m.state, m.inc, m.since) for m in self._members.values()
         )
         return out
 
+    def _self_view(self) -> MemberView:
+        me = MemberState.LEFT if self._left else MemberState.ALIVE
+        return MemberView(self.self_id, self.self_addr, me, self._inc, self._since)
+
     def member(self, node_id: bytes) -> MemberView | None:
         """One member's view entry, O(1)."""
         if node_id == self.self_id:
-            return self.members()[0]
+            return self._self_view()
         m = self._members.get(node_id)
         return None if m is None else MemberView(m.node_id, m.addr, m.state, m.inc, m.since)
 
