@@ -5,10 +5,30 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Debian packages `make test` needs (installed only when missing): python3-venv for the
-# venv on a bare Debian python3. Later stages add wireguard-go, nftables, dnsutils, ...
-DEB_PACKAGES := python3-venv
+# venv on a bare Debian python3; nftables for the packet-loss gossip test
+# (tests/integration/test_gossip.py drops UDP in a network namespace with `nft`).
+# dnsutils for `dig` in the DNS integration test (tests/integration/test_dns.py).
+# wireguard-go, wireguard-tools, iproute2 and iputils-ping for the WireGuard backend tests
+# (tests/integration/test_wg_uapi.py: real wireguard-go interfaces in network namespaces).
+DEB_PACKAGES := python3-venv nftables dnsutils wireguard-go wireguard-tools iproute2 iputils-ping
+# Debian packages only `make bench` needs (installed only when missing, like the above):
+# serf, for the side-by-side benchmark `python -m benchmarks.run --only vs_serf`;
+# dnsperf and dnsmasq-base for `python -m benchmarks.dns` (meshd's DNS next to dnsmasq).
+BENCH_DEB_PACKAGES := serf dnsperf dnsmasq-base
 
-.PHONY: setup deps demo test test-fast lint bench clean
+# Install the Debian packages named in $(1) that are missing (as root), or name them and fail.
+define install_missing
+missing=""; for p in $(1); do \
+  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+if [ -n "$$missing" ]; then \
+  if [ "$$(id -u)" = 0 ]; then \
+    echo "installing Debian packages:$$missing"; \
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+  else echo "missing Debian packages:$$missing (run as root to install)"; exit 1; fi; \
+fi
+endef
+
+.PHONY: setup deps bench-deps demo test test-fast lint bench sim clean
 
 setup: $(STAMP)
 
@@ -19,14 +39,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 deps:
-	@missing=""; for p in $(DEB_PACKAGES); do \
-	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
-	  if [ "$$(id -u)" = 0 ]; then \
-	    echo "installing Debian packages:$$missing"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
-	  else echo "missing Debian packages:$$missing (run as root to install)"; exit 1; fi; \
-	fi
+	@$(call install_missing,$(DEB_PACKAGES))
+
+bench-deps:
+	@$(call install_missing,$(BENCH_DEB_PACKAGES))
 
 demo: deps setup
 	$(BIN)/meshd demo --nodes $${NODES:-5} $${DURATION:+--duration $$DURATION}
@@ -42,8 +58,14 @@ test: deps setup lint
 test-fast: setup
 	$(BIN)/pytest -q -m "not slow and not integration"
 
-bench: setup
-	$(BIN)/python -m benchmarks.run
+bench: bench-deps setup
+	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+
+# The standard simulation scenarios (simulations/README.md). The two 10,000-node ones
+# need about 19 GB of memory: where it is not available they are skipped, the others
+# still run, and the exit status says so.
+sim: setup
+	$(BIN)/python -m simulations.run --all
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis benchmarks/results

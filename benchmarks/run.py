@@ -1,7 +1,9 @@
 """Run the benchmarks, print a summary, and write ``benchmarks/results/<name>.json``.
 
-``python -m benchmarks.run`` (``make bench``) runs all of them; ``--only NAME`` picks
-some, ``--quick`` does fewer repetitions. Each results file carries the machine
+``python -m benchmarks.run`` (``make bench``) runs all of them but the opt-in ones;
+``--only NAME`` picks some (opt-in ones included), ``--quick`` does fewer repetitions.
+``vs_serf`` (meshd next to HashiCorp Serf, 15 to 25 minutes in full, one N=30 run with
+``--quick``) is opt-in: ``--only vs_serf``. Each results file carries the machine
 (CPU count and model, Python, platform), the time of the run and the mode, so
 figures from different runs and machines can be told apart. Numbers only: nothing
 here passes or fails.
@@ -15,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import join_rtt, records
+from benchmarks import dns, join_rtt, records, vs_serf
 from benchmarks.common import RESULTS_DIR, load_average, machine_info, timestamp, write_json
 
 Runner = Callable[[bool], dict[str, Any]]
@@ -24,7 +26,11 @@ Formatter = Callable[[dict[str, Any]], str]
 BENCHMARKS: dict[str, tuple[Runner, Formatter]] = {
     records.NAME: (records.run, records.format_summary),
     join_rtt.NAME: (join_rtt.run, join_rtt.format_summary),
+    vs_serf.NAME: (vs_serf.run, vs_serf.format_summary),
+    dns.NAME: (dns.run, dns.format_summary),
 }
+#: Run only when named with --only: too long (or needing more than meshd) for every run.
+OPT_IN: frozenset[str] = frozenset({vs_serf.NAME})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--only",
         action="append",
         choices=sorted(BENCHMARKS),
-        help="run only this benchmark (repeatable; default: all)",
+        help=f"run only this benchmark (repeatable; default: all but {', '.join(sorted(OPT_IN))})",
     )
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, less precise")
     parser.add_argument(
@@ -49,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    names = [n for n in BENCHMARKS if not args.only or n in args.only]
+    names = [n for n in BENCHMARKS if (n in args.only if args.only else n not in OPT_IN)]
     machine = machine_info()
     print(
         f"meshd benchmarks ({'quick' if args.quick else 'full'}): {machine['cpu_count']} CPUs "

@@ -28,10 +28,19 @@ from meshd import persist
 from meshd.core import node as core
 from meshd.core.admission import cluster_id
 from meshd.core.join import JoinClient, JoinFailed, JoinSucceeded
-from meshd.core.membership import MemberRemoved, MemberState, MemberStateChanged, Refuted
+from meshd.core.membership import (
+    MemberJoined,
+    MemberRemoved,
+    MemberState,
+    MemberStateChanged,
+    Refuted,
+)
+from meshd.core.naming import Conflict, ZoneView
 from meshd.core.node import Node
 from meshd.core.wire import Addr, format_hostport, split_hostport
+from meshd.dns import DnsConfig, DnsServer, default_upstreams, listen_addresses
 from meshd.state import DataDir, atomic_write
+from meshd.wg.dataplane import DataPlane
 
 log = structlog.get_logger("meshd.agent")
 
@@ -131,6 +140,8 @@ class Agent:
         settings: dict[str, Any],
         *,
         http: Addr | None,
+        dns: DnsConfig | None = None,
+        wg: DataPlane | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.datadir = datadir
@@ -146,6 +157,14 @@ class Agent:
         self._http_runner: Any = None
         self._http_token = ""
         self._leave_done: asyncio.Future[bool] | None = None
+        self.dns_config = dns
+        #: WireGuard interface + peer reconciler (None: --wg-backend none).
+        self.wg = wg
+        self.dns: DnsServer | None = None
+        self.zone = ZoneView(
+            node.plan, node.config.zone, self_id=node.sign.node_id, leader=node.leader
+        )
+        self._conflicts: set[Conflict] = set()
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -157,6 +176,21 @@ class Agent:
         )
         bound = self._transport.get_extra_info("sockname")
         self.listen_addr: Addr = (bound[0], bound[1])
+        if self.wg is not None:  # first: DNS binds to the overlay addresses it installs
+            try:
+                await self.wg.start()
+            except BaseException:
+                self._transport.close()
+                raise
+        if self.dns_config is not None:
+            self._zone_sync()
+            try:
+                await self._start_dns(self.dns_config)
+            except OSError:
+                self._transport.close()  # nothing of a failed start stays behind
+                if self.wg is not None:
+                    await self.wg.stop()
+                raise
         self._http_token = self._load_http_token()
         if self.http_addr is not None:
             from meshd.http import start_http
@@ -165,6 +199,7 @@ class Agent:
         self._write_run_file()
         self.node.announce(self.clock())
         self._pump()
+        self._zone_sync()
         self._schedule_view_flush()
         v4, v6 = self.node.addresses()
         log.info(
@@ -175,6 +210,7 @@ class Agent:
             ipv6=v6,
             listen=format_hostport(self.listen_addr),
             http=format_hostport(self.http_bound) if self.http_addr else None,
+            dns=[format_hostport(a) for a in self.dns.bound] if self.dns else None,
             leader=self.node.is_leader,
         )
 
@@ -184,6 +220,10 @@ class Agent:
                 handle.cancel()
         if self._http_runner is not None:
             await self._http_runner.cleanup()
+        if self.dns is not None:
+            await self.dns.stop()
+        if self.wg is not None:
+            await self.wg.stop()  # removes the interface, stops wireguard-go
         if self._transport is not None:
             self._transport.close()
         self._persist()
@@ -215,6 +255,7 @@ class Agent:
         """Publish a new record with another extra DNS name; returns the record's seq."""
         self.node.set_hostname(hostname, self.clock())
         self._pump()
+        self._zone_member(self.node.sign.node_id)
         return self.node.seq
 
     # --------------------------------------------------------------- core driving
@@ -260,6 +301,7 @@ class Agent:
         def flush() -> None:
             if self.node.view_dirty:
                 self._persist()
+            self._zone_sync()  # level-triggered safety net under the event-driven updates
             self._schedule_view_flush()
 
         loop = asyncio.get_running_loop()
@@ -267,6 +309,8 @@ class Agent:
 
     def _on_event(self, event: core.Event) -> None:
         self.metrics.events[type(event).__name__] += 1
+        if self.wg is not None:
+            self.wg.trigger()  # level-triggered and coalesced: cheap on any event
         if isinstance(event, core.MemberUpdated):
             v4, v6 = event.record.addresses(self.node.plan)
             log.info(
@@ -312,6 +356,84 @@ class Agent:
             log.info("leave finished", acknowledged=event.acknowledged)
             if self._leave_done is not None and not self._leave_done.done():
                 self._leave_done.set_result(event.acknowledged)
+        if isinstance(event, core.MemberUpdated):
+            self._zone_member(event.record.node_id)
+        elif isinstance(event, MemberStateChanged | MemberJoined | MemberRemoved):
+            self._zone_member(event.node_id)
+
+    # ----------------------------------------------------------------- DNS
+
+    async def _start_dns(self, config: DnsConfig) -> None:
+        """Listen where configured; only explicitly given addresses must bind."""
+        upstreams = config.upstreams if config.upstreams is not None else default_upstreams()
+        self.dns = DnsServer(
+            self.zone, upstreams=upstreams, forward=config.forward, timeout=config.timeout
+        )
+        await self.dns.start(
+            listen_addresses(config, self.node.addresses()), strict=config.listen is not None
+        )
+
+    def _zone_state(self, nid: bytes) -> MemberState | None:
+        if nid == self.node.sign.node_id:
+            return MemberState.LEFT if self.node.left else MemberState.ALIVE
+        st = self.node.member_state(nid)
+        return st[0] if st is not None else None
+
+    def _zone_member(self, nid: bytes) -> None:
+        """One member's record or state changed: update its names at once."""
+        rec = self.node.store.get(nid)
+        changed = self.zone.set_leader(self.node.leader)
+        if rec is None:
+            changed |= self.zone.remove(nid)
+        else:
+            changed |= self.zone.update_record(rec, self._zone_state(nid))
+        if changed:
+            self._log_conflicts()
+
+    def _zone_sync(self) -> None:
+        if self.zone.sync(self.node.store, self._zone_state, self.node.leader):
+            self._log_conflicts()
+
+    def _log_conflicts(self) -> None:
+        now = set(self.zone.conflicts())
+        for c in sorted(now - self._conflicts, key=lambda c: (c.name, c.node_id, c.kind)):
+            log.warning(
+                "dns name conflict",
+                name=c.name,
+                kind=c.kind,
+                member=_name_of(self.node, c.node_id) or c.node_id.hex(),
+                reason=c.reason,
+            )
+        for c in sorted(self._conflicts - now, key=lambda c: (c.name, c.node_id, c.kind)):
+            log.info("dns name conflict resolved", name=c.name, id=c.node_id.hex())
+        self._conflicts = now
+
+    def dns_view(self) -> dict[str, Any]:
+        """``GET /v1/dns``: the zone as this node serves it, its conflicts, the server."""
+        zone, server = self.zone, self.dns
+        conflicts = []
+        for c in zone.conflicts():
+            item: dict[str, Any] = c.to_json()
+            item["node_name"] = _name_of(self.node, c.node_id)
+            item["winner_name"] = _name_of(self.node, c.winner) if c.winner else None
+            conflicts.append(item)
+        return {
+            "zone": zone.zone,
+            "reverse_zones": list(zone.reverse),
+            "serial": zone.serial,
+            "ttl": zone.ttl,
+            "leader": f"leader.{zone.zone}",
+            "records": zone.rows(),
+            "conflicts": conflicts,
+            "server": None
+            if server is None
+            else {
+                "listen": [format_hostport(a) for a in server.bound],
+                "forwarding": server.forwarding,
+                "upstreams": [format_hostport(a) for a in server.upstreams],
+                "stats": dict(sorted(server.stats.items())),
+            },
+        }
 
     # ----------------------------------------------------------------- run file
 
@@ -353,7 +475,9 @@ class Agent:
             "zone": node.config.zone,
             "members": dict(sorted(states.items())),
             "member_count": len(node.store),
-            "wireguard": {"backend": "none", "interface": None},
+            "wireguard": (
+                self.wg.describe() if self.wg else {"backend": "none", "interface": None}
+            ),
             "listen": format_hostport(self.listen_addr),
             "endpoints": node.config.endpoints,
             "version": node.config.version,
@@ -392,8 +516,11 @@ class Agent:
                     "addresses": {"ipv4": str(v4), "ipv6": str(v6)},
                     "endpoints": list(rec.endpoints),
                     "nat_candidates": [],
-                    "connection": None,
-                    "last_handshake": None,
+                    **(
+                        self.wg.member_fields(rec)
+                        if self.wg
+                        else {"connection": None, "last_handshake": None}
+                    ),
                     "wg_public_key": _b64(rec.wg_key),
                     "admitted_by": rec.admission.issuer.hex(),
                     "version": rec.version,

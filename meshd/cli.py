@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import ipaddress
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ from meshd.core.membership import PROFILES, Timing
 from meshd.core.node import Node, NodeConfig
 from meshd.core.records import is_dns_label, normalize_hostname
 from meshd.core.wire import Keyring, format_hostport
+from meshd.dns import DEFAULT_PORT, DnsConfig
 from meshd.state import DataDir, StateError
 
 DEFAULTS: dict[str, Any] = {
@@ -52,8 +54,11 @@ DEFAULTS: dict[str, Any] = {
     "token": None,
     "timeout": "30s",
     "wg_backend": "auto",
+    "mtu": 1420,
     "profile": "lan",
     "http": "127.0.0.1:7947",
+    "dns": None,
+    "dns_upstream": None,
     "ttl": "24h",
     "uses": 1,
     "nodes": 3,
@@ -223,8 +228,24 @@ def _add_join_opts(p: argparse.ArgumentParser) -> None:
 
 
 def _add_run_opts(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--wg-backend", choices=["auto", "kernel", "userspace", "none"])
+    p.add_argument(
+        "--wg-backend",
+        choices=["auto", "kernel", "userspace", "memory", "none"],
+        help="auto (default): the kernel module if present, else wireguard-go; memory: no "
+        "interface (tests); none: gossip only",
+    )
+    p.add_argument("--mtu", help="WireGuard interface MTU (default 1420)")
     p.add_argument("--http", help="debug HTTP endpoint ADDR:PORT (default 127.0.0.1:7947)")
+    p.add_argument(
+        "--dns",
+        help="DNS server ADDR:PORT[,ADDR:PORT...], or PORT for 127.0.0.1 and the overlay "
+        "addresses (default 15353), or off",
+    )
+    p.add_argument(
+        "--dns-upstream",
+        help="resolvers for names outside the zone, ADDR[:PORT][,...] "
+        "(default: the non-loopback nameservers of /etc/resolv.conf), or off",
+    )
     p.add_argument(
         "--profile", choices=sorted(PROFILES), help="gossip timers: lan (default), wan, local"
     )
@@ -527,27 +548,100 @@ def cmd_join(opts: Options) -> Node:
 
 def cmd_run(opts: Options) -> None:
     backend = str(opts.get("wg_backend"))
-    if backend in ("kernel", "userspace"):
-        raise CliError(
-            f"--wg-backend {backend} is not available in this build yet; use auto or none"
-        )
+    mtu = opts.int("mtu", 1280, 65535)
     timing = resolve_timing(opts)
     datadir, node, settings = _load_member(opts, timing)
     http = None if str(opts.get("http")).lower() == "off" else _hostport(opts, "http")
-    asyncio.run(_run_agent(datadir, node, settings, http))
+    dns = dns_config(opts.get("dns"), opts.get("dns_upstream"))
+    asyncio.run(_run_agent(datadir, node, settings, http, dns, wg=(backend, mtu)))
+
+
+async def _dataplane(node: Node, settings: dict[str, Any], backend: str, mtu: int) -> Any:
+    """The WireGuard data plane for ``--wg-backend`` (None for none)."""
+    from meshd.wg import WireGuardError, select_backend
+    from meshd.wg.dataplane import DataPlane
+
+    interface = str(settings.get("interface") or DEFAULTS["interface"])
+    try:
+        be = await select_backend(backend, interface)
+    except WireGuardError as exc:
+        raise CliError(str(exc)) from None
+    if be is None:
+        return None
+    port = int(settings.get("wg_port") or DEFAULTS["wg_port"])
+    return DataPlane(be, node, wg_port=port, mtu=mtu, lock=be.kind != "memory")
+
+
+_OFF = ("off", "none", "false", "no", "0")
+
+
+def dns_config(listen: Any, upstream: Any) -> DnsConfig | None:
+    """``--dns`` and ``--dns-upstream`` as a DnsConfig (None: no DNS server)."""
+    text = "" if listen is None else str(listen).strip()
+    if text.lower() in _OFF:
+        return None
+    addrs: tuple[tuple[str, int], ...] | None = None
+    port = DEFAULT_PORT
+    if text:
+        if re.fullmatch(r":?\d+", text):
+            port = _port(text.lstrip(":"), "--dns")
+        else:
+            items = []
+            for item in text.split(","):
+                try:
+                    host, p = parse_hostport(item.strip(), DEFAULT_PORT)
+                    ipaddress.ip_address(host)
+                except ValueError as exc:
+                    raise CliError(f"--dns: {item.strip()!r} is not ADDR:PORT ({exc})") from None
+                items.append((host, p))
+            addrs = tuple(items)
+    forward, upstreams = True, None
+    up = "" if upstream is None else str(upstream).strip()
+    if up.lower() in _OFF:
+        forward = False
+    elif up:
+        items = []
+        for item in up.split(","):
+            try:
+                host, p = parse_hostport(item.strip(), 53)
+                ipaddress.ip_address(host.split("%", 1)[0])
+            except ValueError as exc:
+                raise CliError(
+                    f"--dns-upstream: {item.strip()!r} is not an IP address[:PORT] ({exc})"
+                ) from None
+            items.append((host, p))
+        upstreams = tuple(items)
+    return DnsConfig(listen=addrs, port=port, upstreams=upstreams, forward=forward)
+
+
+def _port(text: str, option: str) -> int:
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise CliError(f"{option}: port {port} is out of range (1-65535)")
+    return port
 
 
 async def _run_agent(
-    datadir: DataDir, node: Node, settings: dict[str, Any], http: tuple[str, int] | None
+    datadir: DataDir,
+    node: Node,
+    settings: dict[str, Any],
+    http: tuple[str, int] | None,
+    dns: DnsConfig | None = None,
+    wg: tuple[str, int] = ("none", 1420),
 ) -> None:
-    agent = Agent(datadir, node, settings, http=http)
+    from meshd.wg import WireGuardError
+
+    dataplane = await _dataplane(node, settings, *wg)
+    agent = Agent(datadir, node, settings, http=http, dns=dns, wg=dataplane)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before start: a stop mid-start is clean
+        loop.add_signal_handler(sig, agent.stopped.set)
     try:
         await agent.start()
     except OSError as exc:
         raise CliError(f"cannot start the agent: {exc.strerror or exc}") from None
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, agent.stopped.set)
+    except WireGuardError as exc:
+        raise CliError(f"cannot set up WireGuard: {exc}") from None
     try:
         await agent.stopped.wait()
     finally:
@@ -621,6 +715,16 @@ def cmd_peers(opts: Options) -> None:
     print(_peers_table(members))
 
 
+def _ago(when: Any) -> str:
+    """A wall-clock timestamp as "12s ago" ("-" for none)."""
+    if not isinstance(when, int | float) or isinstance(when, bool) or when <= 0:
+        return "-"
+    secs = max(0, int(time.time() - when))
+    if secs < 120:
+        return f"{secs}s ago"
+    return f"{secs // 60}m ago" if secs < 7200 else f"{secs // 3600}h ago"
+
+
 def _peers_table(members: Sequence[dict[str, Any]]) -> str:
     header = ("NAME", "IPV4", "IPV6", "STATE", "CONNECTION", "ENDPOINT", "HANDSHAKE")
     rows = [header]
@@ -633,8 +737,8 @@ def _peers_table(members: Sequence[dict[str, Any]]) -> str:
                 m["addresses"]["ipv6"],
                 m["state"],
                 m.get("connection") or "-",
-                (m["endpoints"] or ["-"])[0],
-                m.get("last_handshake") or "-",
+                m.get("wg_endpoint") or (m["endpoints"] or ["-"])[0],
+                _ago(m.get("last_handshake")),
             )
         )
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]

@@ -9,6 +9,7 @@ by PID and stopped here.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -16,10 +17,14 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+CLONE_NEWNET = 0x40000000
 
 
 def free_port(kind: int = socket.SOCK_DGRAM) -> int:
@@ -28,19 +33,74 @@ def free_port(kind: int = socket.SOCK_DGRAM) -> int:
         return int(s.getsockname()[1])
 
 
-class LocalCluster:
-    """N agents as child processes on 127.0.0.1, for the demo, tests and benchmarks."""
+def _setns(fd: int) -> None:
+    """Move the calling thread (only) into the network namespace open at ``fd``."""
+    if hasattr(os, "setns"):  # Python 3.12+
+        os.setns(fd, CLONE_NEWNET)
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
 
-    def __init__(self, root: Path, *, log_dir: Path | None = None) -> None:
+
+@contextlib.contextmanager
+def in_netns(name: str | None) -> Iterator[None]:
+    """Run the body in the named network namespace (``ip netns add NAME``), or where we
+    are for None. Only this thread moves, and it moves back; a socket opened inside
+    stays in the namespace for its whole life."""
+    if name is None:
+        yield
+        return
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        target = os.open(f"/run/netns/{name}", os.O_RDONLY)
+        try:
+            _setns(target)
+        finally:
+            os.close(target)
+        try:
+            yield
+        finally:
+            _setns(own)
+    finally:
+        os.close(own)
+
+
+class LocalCluster:
+    """N agents as child processes on 127.0.0.1, for the demo, tests and benchmarks.
+
+    With ``netns`` every ``meshd`` command runs through ``ip netns exec NETNS`` (which
+    execs, so PIDs stay the agents' own) and :meth:`get` talks to the namespace's
+    loopback; the namespace itself is the caller's to create and delete."""
+
+    def __init__(
+        self, root: Path, *, log_dir: Path | None = None, netns: str | None = None
+    ) -> None:
         self.root = root
         self.log_dir = log_dir or root
+        self.netns = netns
+        self.prefix = ["ip", "netns", "exec", netns] if netns else []
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.udp: dict[str, int] = {}
         self.http: dict[str, int] = {}
+        self._ports: set[tuple[int, int]] = set()
+        self._ports_lock = threading.Lock()  # joins may run in threads
+
+    def port(self, kind: int = socket.SOCK_DGRAM) -> int:
+        """A free port never handed out before by this cluster (free_port alone may return
+        a port again once it was released, before the agent given it has bound it)."""
+        for _ in range(100):
+            port = free_port(kind)
+            with self._ports_lock:
+                if (kind, port) not in self._ports:
+                    self._ports.add((kind, port))
+                    return port
+        raise RuntimeError("no unused port found")
 
     def meshd(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "meshd", *args],
+            [*self.prefix, sys.executable, "-m", "meshd", *args],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -51,7 +111,7 @@ class LocalCluster:
         return self.root / name
 
     def init(self, name: str, *extra: str) -> subprocess.CompletedProcess[str]:
-        self.udp[name] = free_port()
+        self.udp[name] = self.port()
         return self.meshd(
             "init", "--data-dir", str(self.datadir(name)), "--name", name,
             "--listen", f"127.0.0.1:{self.udp[name]}", *extra,
@@ -66,20 +126,22 @@ class LocalCluster:
     def join(
         self, name: str, seed: str, token: str, *extra: str
     ) -> subprocess.CompletedProcess[str]:
-        self.udp[name] = free_port()
+        self.udp[name] = self.port()
         return self.meshd(
             "join", "--data-dir", str(self.datadir(name)), "--name", name,
             "--listen", f"127.0.0.1:{self.udp[name]}",
             "--seed", f"127.0.0.1:{self.udp[seed]}", "--token", token, "--timeout", "20s", *extra,
         )  # fmt: skip
 
-    def start(self, name: str) -> None:
-        self.http[name] = free_port(socket.SOCK_STREAM)
+    def start(self, name: str, *extra: str) -> None:
+        """``meshd run`` for ``name``; ``extra`` are more run options (``--profile local``)."""
+        self.http[name] = self.port(socket.SOCK_STREAM)
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
         self.procs[name] = subprocess.Popen(
             [
-                sys.executable, "-m", "meshd", "run", "--data-dir", str(self.datadir(name)),
-                "--http", f"127.0.0.1:{self.http[name]}", "--wg-backend", "none",
+                *self.prefix, sys.executable, "-m", "meshd", "run",
+                "--data-dir", str(self.datadir(name)),
+                "--http", f"127.0.0.1:{self.http[name]}", "--wg-backend", "none", *extra,
             ],
             stdout=log,
             stderr=log,
@@ -101,7 +163,7 @@ class LocalCluster:
 
     def get(self, name: str, path: str) -> Any:
         url = f"http://127.0.0.1:{self.http[name]}{path}"
-        with urllib.request.urlopen(url, timeout=5) as resp:
+        with in_netns(self.netns), urllib.request.urlopen(url, timeout=5) as resp:
             return json.loads(resp.read())
 
     def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:

@@ -44,6 +44,9 @@ def build_app(agent: Agent) -> web.Application:
     async def leases(request: web.Request) -> web.Response:
         return web.json_response({"leases": agent.leases()})
 
+    async def dns(request: web.Request) -> web.Response:
+        return web.json_response(agent.dns_view())
+
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(
             body=generate_latest(registry),
@@ -94,6 +97,7 @@ def build_app(agent: Agent) -> web.Application:
     app.router.add_get("/v1/status", status)
     app.router.add_get("/v1/members", members)
     app.router.add_get("/v1/leases", leases)
+    app.router.add_get("/v1/dns", dns)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/v1/leave", leave)
     app.router.add_post("/v1/record", record)
@@ -165,3 +169,16 @@ class _AgentCollector(Collector):
         yield GaugeMetricFamily(
             "meshd_is_leader", "1 if this node holds the cluster CA", int(a.node.is_leader)
         )
+        yield GaugeMetricFamily("meshd_dns_names", "Names with records in the zone", len(a.zone))
+        yield GaugeMetricFamily(
+            "meshd_dns_conflicts", "Name claims that lost or were refused", len(a.zone.conflicts())
+        )
+        if a.dns is not None:
+            dns = CounterMetricFamily(
+                "meshd_dns_events",
+                "DNS server counters: queries, responses by rcode, drops, forwards, cache hits",
+                labels=["event"],
+            )
+            for event, count in sorted(a.dns.stats.items()):
+                dns.add_metric([event], count)
+            yield dns

@@ -16,7 +16,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Any
@@ -26,15 +25,6 @@ import pytest
 from meshd.demo import LocalCluster, free_port
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
-    c = LocalCluster(tmp_path)
-    try:
-        yield c
-    finally:
-        c.stop_all()
 
 
 def our_files(d: Path) -> list[str]:
@@ -247,7 +237,7 @@ def test_up_joins_once_then_just_runs(cluster: LocalCluster, tmp_path: Path) -> 
     args = [
         sys.executable, "-m", "meshd", "up", "--data-dir", str(d), "--name", "upnode",
         "--listen", f"127.0.0.1:{port}", "--http", f"127.0.0.1:{http}",
-        "--seed", f"127.0.0.1:{cluster.udp['leader']}", "--token", tok,
+        "--seed", f"127.0.0.1:{cluster.udp['leader']}", "--token", tok, "--wg-backend", "none",
     ]  # fmt: skip
     for attempt in range(2):  # the second `up` must not try to join again
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

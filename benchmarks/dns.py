@@ -1,0 +1,319 @@
+"""meshd's DNS server next to dnsmasq on loopback, measured with dnsperf.
+
+Both servers answer the same names: a zone of ``MEMBERS`` synthetic members (node
+names, a hostname for every third, address-derived names, PTRs) built with
+:mod:`meshd.core.naming`. meshd serves it with :class:`meshd.dns.DnsServer` (the code
+the agent runs) in a process of its own; dnsmasq serves the same A/AAAA names from a
+hosts file (``--addn-hosts``; it derives the PTRs itself) and answers NXDOMAIN for the
+rest of the zone (``--local=/mesh.internal/``), with no upstream.
+
+The query file mixes A (40 %), AAAA (40 %), PTR (10 %) of existing names and NXDOMAIN
+(10 %), in a fixed shuffled order. For each server:
+
+* **fixed rate**: dnsperf at ``RATE`` queries/s for ``SECONDS`` with ``-v``, so every
+  answer's latency is known: p50, p90, p99, p99.9 and the maximum;
+* **throughput**: dnsperf with 100 queries outstanding and no rate limit for
+  ``SECONDS``: completed queries/s and how many were lost.
+
+Everything runs on 127.0.0.1 with ephemeral ports; every process started here is
+stopped here. Needs the Debian packages dnsperf and dnsmasq-base (``make bench-deps``).
+
+``python -m benchmarks.dns [--quick]`` runs it alone; ``run``/``format_summary`` have
+the signatures ``benchmarks.run`` expects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+NAME: Final = "dns"
+MEMBERS: Final = 200
+RATE: Final = 5_000
+ZONE: Final = "mesh.internal."
+
+
+def build_zone(members: int) -> Any:
+    from meshd.core.ipam import AddressPlan
+    from meshd.core.membership import MemberState
+    from meshd.core.naming import Member, ZoneView
+
+    plan = AddressPlan.parse()
+    entries = [
+        (
+            Member(
+                node_id=i.to_bytes(16, "big"),
+                name=f"m{i:04d}",
+                hostname=f"svc{i:04d}.prod" if i % 3 == 0 else None,
+                offset=i,
+                admitted_at=float(i),
+            ),
+            MemberState.ALIVE,
+        )
+        for i in range(1, members + 1)
+    ]
+    return ZoneView.build(
+        plan, ZONE, entries, (1).to_bytes(16, "big"), self_id=(1).to_bytes(16, "big")
+    )
+
+
+def serve(port: int, members: int) -> None:
+    """The meshd side: one DnsServer on 127.0.0.1:port until SIGTERM (prints "ready")."""
+    from meshd.dns import DnsServer
+
+    async def main() -> None:
+        server = DnsServer(build_zone(members), forward=False)
+        await server.start([("127.0.0.1", port)])
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        print("ready", flush=True)
+        await stop.wait()
+        await server.stop()
+
+    asyncio.run(main())
+
+
+def write_inputs(zone: Any, root: Path, queries: int, seed: int = 1) -> tuple[Path, Path]:
+    """The hosts file for dnsmasq and the dnsperf query file, from the same zone."""
+    by_addr: dict[str, list[str]] = {}
+    a_names, aaaa_names, ptr_names = [], [], []
+    for row in zone.rows():
+        name = str(row["name"])
+        if row["type"] == "PTR":
+            ptr_names.append(name)
+            continue
+        by_addr.setdefault(str(row["address"]), []).append(name.rstrip("."))
+        (a_names if row["type"] == "A" else aaaa_names).append(name)
+    hosts = root / "hosts"
+    hosts.write_text("".join(f"{a} {' '.join(ns)}\n" for a, ns in sorted(by_addr.items())))
+    rnd = random.Random(seed)
+    lines = []
+    for _ in range(queries):
+        r = rnd.random()
+        if r < 0.4:
+            lines.append(f"{rnd.choice(a_names)} A")
+        elif r < 0.8:
+            lines.append(f"{rnd.choice(aaaa_names)} AAAA")
+        elif r < 0.9:
+            lines.append(f"{rnd.choice(ptr_names)} PTR")
+        else:
+            lines.append(f"nx{rnd.randrange(10**6)}.{ZONE} A")
+    data = root / "queries"
+    data.write_text("\n".join(lines) + "\n")
+    return hosts, data
+
+
+def free_port() -> int:
+    """A port free for both UDP and TCP on 127.0.0.1."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.bind(("127.0.0.1", 0))
+            port = int(u.getsockname()[1])
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+                try:
+                    t.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free port")
+
+
+def wait_udp(port: int, timeout: float = 20.0) -> None:
+    """Until the server answers a query for the zone apex."""
+    query = bytes.fromhex("beef01000001000000000000") + b"\x04mesh\x08internal\x00\x00\x06\x00\x01"
+    deadline = time.monotonic() + timeout
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(0.2)
+        while time.monotonic() < deadline:
+            s.sendto(query, ("127.0.0.1", port))
+            with contextlib.suppress(TimeoutError, ConnectionRefusedError):
+                if s.recv(4096)[:2] == b"\xbe\xef":
+                    return
+            time.sleep(0.05)
+    raise RuntimeError(f"no DNS answer on 127.0.0.1:{port} within {timeout}s")
+
+
+@contextlib.contextmanager
+def process(argv: Sequence[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+@contextlib.contextmanager
+def meshd_server(members: int, root: Path) -> Iterator[int]:
+    port = free_port()
+    argv = [sys.executable, "-m", "benchmarks.dns", "--serve", str(port), "--members", str(members)]
+    with process(argv, root / "meshd.log"):
+        wait_udp(port)
+        yield port
+
+
+@contextlib.contextmanager
+def dnsmasq_server(hosts: Path, root: Path) -> Iterator[int]:
+    port = free_port()
+    argv = [
+        "dnsmasq", "--keep-in-foreground", "--no-daemon", f"--port={port}",
+        "--listen-address=127.0.0.1", "--bind-interfaces", "--no-resolv", "--no-hosts",
+        f"--addn-hosts={hosts}", f"--local=/{ZONE.rstrip('.')}/", "--no-negcache",
+        "--pid-file=", "--user=root", "--cache-size=10000", "--local-ttl=5",
+    ]  # fmt: skip
+    with process(argv, root / "dnsmasq.log"):
+        wait_udp(port)
+        yield port
+
+
+_SUMMARY = {
+    "sent": re.compile(r"Queries sent:\s+(\d+)"),
+    "completed": re.compile(r"Queries completed:\s+(\d+)"),
+    "lost": re.compile(r"Queries lost:\s+(\d+)"),
+    "qps": re.compile(r"Queries per second:\s+([\d.]+)"),
+    "avg_latency_s": re.compile(r"Average Latency \(s\):\s+([\d.]+)"),
+}
+_VERBOSE = re.compile(r"^> (\w+) .* ([\d.]+)$")
+
+
+def dnsperf(port: int, data: Path, seconds: float, rate: int | None) -> dict[str, Any]:
+    argv = ["dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(data), "-l", str(seconds),
+            "-q", "100", "-t", "2"]  # fmt: skip
+    if rate is not None:
+        argv += ["-Q", str(rate), "-v"]
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=False)
+    out: dict[str, Any] = {}
+    for key, rx in _SUMMARY.items():
+        m = rx.search(res.stdout)
+        out[key] = float(m.group(1)) if m else None
+    if rate is not None:
+        lat, rcodes = [], {}
+        for line in res.stdout.splitlines():
+            m = _VERBOSE.match(line)
+            if m:
+                rcodes[m.group(1)] = rcodes.get(m.group(1), 0) + 1
+                lat.append(float(m.group(2)) * 1000)
+        out["rcodes"] = rcodes
+        out["latency_ms"] = percentiles(lat)
+    if res.returncode != 0:
+        out["error"] = res.stderr.strip()[-500:]
+    return out
+
+
+def percentiles(ms: list[float]) -> dict[str, float | int | None]:
+    if not ms:
+        return {"n": 0}
+    ordered = sorted(ms)
+
+    def pct(p: float) -> float:
+        return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+    return {
+        "n": len(ordered),
+        "p50": pct(50),
+        "p90": pct(90),
+        "p99": pct(99),
+        "p99_9": pct(99.9),
+        "max": ordered[-1],
+        "mean": statistics.fmean(ordered),
+    }
+
+
+def run(quick: bool) -> dict[str, Any]:
+    missing = [p for p in ("dnsperf", "dnsmasq") if shutil.which(p) is None]
+    if missing:
+        raise RuntimeError(f"missing {', '.join(missing)} (apt-get install dnsperf dnsmasq-base)")
+    seconds = 5.0 if quick else 10.0
+    with tempfile.TemporaryDirectory(prefix="meshd-bench-dns-") as tmp:
+        root = Path(tmp)
+        zone = build_zone(MEMBERS)
+        hosts, data = write_inputs(zone, root, 20_000)
+        result: dict[str, Any] = {
+            "members": MEMBERS,
+            "names": len(zone),
+            "rate": RATE,
+            "seconds": seconds,
+            "query_mix": {"A": 0.4, "AAAA": 0.4, "PTR": 0.1, "NXDOMAIN": 0.1},
+        }
+        for label, server in (("meshd", lambda: meshd_server(MEMBERS, root)),
+                              ("dnsmasq", lambda: dnsmasq_server(hosts, root))):  # fmt: skip
+            with server() as port:
+                result[label] = {
+                    "fixed_rate": dnsperf(port, data, seconds, RATE),
+                    "throughput": dnsperf(port, data, seconds, None),
+                }
+        ours, theirs = result["meshd"]["throughput"]["qps"], result["dnsmasq"]["throughput"]["qps"]
+        result["throughput_ratio"] = round(ours / theirs, 3) if ours and theirs else None
+        return result
+
+
+def format_summary(result: dict[str, Any]) -> str:
+    lines = [
+        f"DNS on loopback (dnsperf, {result['members']} members, {result['names']} names, "
+        f"{result['seconds']:.0f} s per phase)"
+    ]
+    for label in ("meshd", "dnsmasq"):
+        fixed, top = result[label]["fixed_rate"], result[label]["throughput"]
+        lat = fixed.get("latency_ms", {})
+        if lat.get("n"):
+            lines.append(
+                f"  {label:<8} at {result['rate']} q/s: p50 {lat['p50']:.3f} ms, p99 "
+                f"{lat['p99']:.3f} ms, p99.9 {lat['p99_9']:.3f} ms, max {lat['max']:.2f} ms, "
+                f"lost {fixed.get('lost'):.0f}"
+            )
+        qps, lost = top.get("qps") or 0, top.get("lost") or 0
+        lines.append(f"  {label:<8} throughput: {qps:.0f} q/s (lost {lost:.0f})")
+    if result.get("throughput_ratio") is not None:
+        lines.append(f"  meshd / dnsmasq throughput: {result['throughput_ratio']:.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.dns", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="5 s phases instead of 10 s")
+    parser.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--members", type=int, default=MEMBERS, help=argparse.SUPPRESS)
+    parser.add_argument("--json", type=Path, help="also write the result to this file")
+    args = parser.parse_args(argv)
+    if args.serve is not None:
+        serve(args.serve, args.members)
+        return 0
+    from benchmarks.common import load_average, machine_info, write_json
+
+    load_before = load_average()
+    result = run(args.quick)
+    result["machine"] = machine_info()
+    result["load_average"] = {"before": load_before, "after": load_average()}
+    print(format_summary(result))
+    print(f"  (load average before {load_before}, after {result['load_average']['after']})")
+    if args.json:
+        args.json.write_text(__import__("json").dumps(result, indent=2, sort_keys=True) + "\n")
+    else:
+        print(f"  written to {write_json(NAME, result)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,717 @@
+"""The overlay DNS server: asyncio UDP and TCP listeners answering from a :class:`ZoneView`.
+
+dnslib is the codec only. Answers for the mesh's zones are authoritative (AA): SOA and
+NS at each apex; NXDOMAIN for a name that does not exist and NOERROR with no answer
+(NODATA) for a name without records of the asked type, both with the SOA in the
+authority section (RFC 2308); empty non-terminals exist (RFC 8020); names are
+case-insensitive and the question is echoed as the client spelled it. EDNS0 (RFC
+6891): a response carries an OPT record when the query did, the DO bit is copied,
+version > 0 gets BADVERS, and a UDP answer larger than the client's payload size
+(at most :data:`MAX_UDP_PAYLOAD`, at least 512) goes out with TC set and no records,
+so the client repeats it over TCP, where the full answer goes.
+
+Queries outside the zones go to the upstream resolvers (by default the non-loopback
+``nameserver`` lines of /etc/resolv.conf) over UDP, then TCP when the upstream
+truncated a TCP client's answer, one upstream after the other, each within the
+timeout; SERVFAIL when none answered, REFUSED when forwarding is off.
+
+Hostile input: a datagram that is not a query (shorter than a header, or a response)
+is dropped and counted; one that does not parse gets FORMERR; nothing escapes
+:meth:`DnsServer.handle` and nothing blocks the loop. TCP connections are bounded in
+number, and each read and write has a timeout.
+
+Fast path: the answer to a plain query (one question, at most one OPT record) is
+cached as bytes keyed by the lower-cased question and the EDNS flags; a hit only
+patches the ID, the RD/CD bits and the client's spelling of the name in. The cache is
+dropped whenever the zone's version changes, so an update is visible at once. UDP
+sockets are read without an asyncio transport: each wake-up drains up to
+:data:`UDP_BATCH` datagrams (about twice the throughput of ``DatagramProtocol`` here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import os
+import socket
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import structlog
+from dnslib import AAAA, NS, PTR, RR, SOA, A, DNSHeader, DNSRecord
+from dnslib import EDNS0 as Edns0
+
+from meshd.core.naming import Host, Pointer, ZoneView
+from meshd.core.wire import Addr, format_hostport
+
+log = structlog.get_logger("meshd.dns")
+
+DEFAULT_PORT: Final = 15353
+#: The largest UDP answer we send, and the size our OPT record advertises (DNS flag day
+#: 2020: fits any path without fragmentation).
+MAX_UDP_PAYLOAD: Final = 1_232
+MIN_UDP_PAYLOAD: Final = 512
+FORWARD_TIMEOUT: Final = 2.0
+MAX_UPSTREAMS: Final = 3
+MAX_FORWARDS: Final = 256
+TCP_MAX_CONNECTIONS: Final = 128
+TCP_IDLE_TIMEOUT: Final = 10.0
+TCP_IO_TIMEOUT: Final = 5.0
+CACHE_MAX: Final = 8_192
+RESOLV_CONF: Final = "/etc/resolv.conf"
+
+#: Datagrams handled per wake-up of a UDP socket before yielding to the loop.
+UDP_BATCH: Final = 64
+_IN: Final = 1
+_ANY_CLASS: Final = 255
+_T_A, _T_NS, _T_SOA, _T_PTR, _T_AAAA = 1, 2, 6, 12, 28
+_T_OPT, _T_IXFR, _T_AXFR, _T_ANY = 41, 251, 252, 255
+_OP_QUERY: Final = 0
+NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
+BADVERS: Final = 16
+RCODE_NAMES: Final = {
+    NOERROR: "NOERROR", FORMERR: "FORMERR", SERVFAIL: "SERVFAIL", NXDOMAIN: "NXDOMAIN",
+    NOTIMP: "NOTIMP", REFUSED: "REFUSED", BADVERS: "BADVERS",
+}  # fmt: skip
+#: Our OPT record with no options: root name, type 41, our payload size, TTL 0, no data.
+_OPT_RR: Final = b"\x00\x00\x29" + MAX_UDP_PAYLOAD.to_bytes(2, "big") + b"\x00" * 6
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    """How the agent runs the server. ``listen`` None: 127.0.0.1 and the overlay
+    addresses on ``port``; otherwise exactly those addresses. ``upstreams`` None: the
+    non-loopback resolvers of /etc/resolv.conf."""
+
+    listen: tuple[Addr, ...] | None = None
+    port: int = DEFAULT_PORT
+    upstreams: tuple[Addr, ...] | None = None
+    forward: bool = True
+    timeout: float = FORWARD_TIMEOUT
+
+
+def default_upstreams(path: str = RESOLV_CONF) -> list[Addr]:
+    """The ``nameserver`` lines of resolv.conf that are not loopback (a local stub may
+    forward to us: asking it back would loop), port 53, at most :data:`MAX_UPSTREAMS`."""
+    out: list[Addr] = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            lines = fh.read(65_536).splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 2 or parts[0] != "nameserver":
+            continue
+        host = parts[1]
+        try:
+            ip = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            continue
+        if ip.is_loopback or ip.is_unspecified:
+            continue
+        out.append((host, 53))
+        if len(out) == MAX_UPSTREAMS:
+            break
+    return out
+
+
+# --------------------------------------------------------------------- wire helpers
+
+
+@dataclass(frozen=True, slots=True)
+class _Plain:
+    """A plain query: one uncompressed question, at most one OPT record."""
+
+    key: bytes  # lower-cased name + qtype + qclass + EDNS flag byte
+    name_end: int  # offset just past the name's root label
+    qend: int  # offset just past the question
+    limit: int  # the largest UDP answer the client takes
+
+
+def _plain(data: bytes) -> _Plain | None:
+    """Recognise a plain query without dnslib; None sends it down the slow path."""
+    n = len(data)
+    # byte 2: QR, opcode, AA, TC must be 0 (RD free); byte 3: Z and RCODE 0 (AD/CD free)
+    if n < 17 or data[2] & 0xFE or data[3] & 0x4F or data[4:10] != b"\x00\x01\x00\x00\x00\x00":
+        return None
+    ar = data[10] << 8 | data[11]
+    if ar > 1:
+        return None
+    i = 12
+    while True:
+        if i >= n:
+            return None
+        ln = data[i]
+        if ln == 0:
+            break
+        if ln > 63:
+            return None  # compression pointer or extended label type
+        i += ln + 1
+    name_end = i + 1
+    if name_end - 12 > 255:
+        return None
+    qend = name_end + 4
+    if qend > n:
+        return None
+    name = data[12:name_end].lower() + data[name_end:qend]
+    if ar == 0:
+        return _Plain(name + b"\x00", name_end, qend, MIN_UDP_PAYLOAD) if qend == n else None
+    if n < qend + 11 or data[qend] != 0 or data[qend + 1 : qend + 3] != b"\x00\x29":
+        return None
+    if data[qend + 5] or data[qend + 6]:  # extended RCODE, version
+        return None
+    if qend + 11 + (data[qend + 9] << 8 | data[qend + 10]) != n:
+        return None
+    udp = data[qend + 3] << 8 | data[qend + 4]
+    flag = b"\x02" if data[qend + 7] & 0x80 else b"\x01"
+    limit = max(MIN_UDP_PAYLOAD, min(udp, MAX_UDP_PAYLOAD))
+    return _Plain(name + flag, name_end, qend, limit)
+
+
+def _patch(template: bytes, data: bytes, qend: int) -> bytes:
+    """A cached answer for this query: its ID, RD and CD bits, its spelling of the name."""
+    return b"".join(
+        (
+            data[:2],
+            bytes((template[2] | (data[2] & 0x01), template[3] | (data[3] & 0x10))),
+            template[4:12],
+            data[12:qend],
+            template[qend:],
+        )
+    )
+
+
+def _header_only(data: bytes, rcode: int) -> bytes:
+    """A response with no sections: for FORMERR, when even the question is suspect."""
+    flags2 = 0x80 | (data[2] & 0x79)  # QR, the query's opcode and RD
+    return data[:2] + bytes((flags2, rcode & 0x0F)) + b"\x00" * 8
+
+
+def _truncated(data: bytes, response: bytes, qend: int, edns: bool) -> bytes:
+    """TC set, the question only (and our OPT): the client retries over TCP."""
+    head = response[:2] + bytes((response[2] | 0x02, response[3])) + b"\x00\x01\x00\x00\x00\x00"
+    if edns:
+        return head + b"\x00\x01" + data[12:qend] + _OPT_RR
+    return head + b"\x00\x00" + data[12:qend]
+
+
+def _question_end(data: bytes) -> int | None:
+    """End of the first question if it is uncompressed (offset past qtype/qclass)."""
+    i, n = 12, len(data)
+    while i < n:
+        ln = data[i]
+        if ln == 0:
+            return i + 5 if i + 5 <= n else None
+        if ln > 63:
+            return None
+        i += ln + 1
+    return None
+
+
+def _labels_key(labels: Sequence[bytes]) -> tuple[str | None, str | None]:
+    """(the name as a zone key, the longest suffix that is a clean key)."""
+    clean: list[str] = []
+    for raw in reversed(labels):
+        try:
+            text = raw.decode("ascii").lower()
+        except UnicodeDecodeError:
+            break
+        if not text or "." in text:
+            break
+        clean.append(text)
+    suffix = ".".join(reversed(clean)) + "." if clean else "."
+    full = suffix if len(clean) == len(labels) else None
+    return full, suffix
+
+
+class _Forward:
+    """handle() needs the upstreams: the caller awaits :meth:`DnsServer.forward`."""
+
+    __slots__ = ("data", "edns", "limit", "qend")
+
+    def __init__(self, data: bytes, limit: int, qend: int, edns: bool) -> None:
+        self.data = data
+        self.limit = limit
+        self.qend = qend
+        self.edns = edns
+
+
+# ------------------------------------------------------------------------ the server
+
+
+class DnsServer:
+    """Answers queries from ``view``; ``start`` binds the listeners."""
+
+    def __init__(
+        self,
+        view: ZoneView,
+        *,
+        upstreams: Iterable[Addr] = (),
+        forward: bool = True,
+        timeout: float = FORWARD_TIMEOUT,
+        tcp_max: int = TCP_MAX_CONNECTIONS,
+        tcp_idle: float = TCP_IDLE_TIMEOUT,
+    ) -> None:
+        self.view = view
+        self.upstreams = list(upstreams)[:MAX_UPSTREAMS]
+        self.forwarding = forward
+        self.timeout = timeout
+        self.tcp_max = tcp_max
+        self.tcp_idle = tcp_idle
+        self.stats: Counter[str] = Counter()
+        self.bound: list[Addr] = []
+        self._cache: dict[bytes, bytes] = {}
+        self._cache_version = -1
+        self._udp: list[_UdpListener] = []
+        self._tcp: list[asyncio.Server] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._tcp_active = 0
+        self._forwards = 0
+
+    # ------------------------------------------------------------ answering
+
+    def handle(self, data: bytes, tcp: bool = False) -> bytes | _Forward | None:
+        """One query in, one response out (None: dropped and counted). Never raises."""
+        try:
+            view = self.view
+            if view.version != self._cache_version:
+                self._cache.clear()
+                self._cache_version = view.version
+            plain = _plain(data)
+            if plain is not None:
+                template = self._cache.get(plain.key)
+                if template is not None and (tcp or len(template) <= plain.limit):
+                    self.stats["cache_hits"] += 1
+                    self.stats["rcode_" + RCODE_NAMES.get(template[3] & 0x0F, "other")] += 1
+                    return _patch(template, data, plain.qend)
+            return self._slow(data, tcp, plain)
+        except Exception:  # hostile input must never take the server down
+            self.stats["dropped_internal_error"] += 1
+            log.debug("dns query failed", exc_info=True)
+            return None
+
+    def _drop(self, reason: str) -> None:
+        self.stats["dropped_" + reason] += 1
+
+    def _slow(self, data: bytes, tcp: bool, plain: _Plain | None) -> bytes | _Forward | None:
+        if len(data) < 12:
+            self._drop("short")
+            return None
+        if data[2] & 0x80:
+            self._drop("not_a_query")  # never answer a response (reflection loops)
+            return None
+        try:
+            req = DNSRecord.parse(data)
+        except Exception:  # dnslib raises DNSError, and worse on odd input
+            return self._rcode_only(data, FORMERR)
+        if req.header.opcode != _OP_QUERY:
+            return self._rcode_only(data, NOTIMP)
+        if len(req.questions) != 1 or req.rr or req.auth:
+            return self._rcode_only(data, FORMERR)
+        opts = [rr for rr in req.ar if rr.rtype == _T_OPT]
+        if len(opts) > 1 or any(len(o.rname.label) != 0 for o in opts):
+            return self._rcode_only(data, FORMERR)
+        opt = opts[0] if opts else None
+        edns = opt is not None
+        limit = MIN_UDP_PAYLOAD
+        do = False
+        if opt is not None:
+            limit = max(MIN_UDP_PAYLOAD, min(int(opt.rclass), MAX_UDP_PAYLOAD))
+            do = bool(opt.ttl & 0x8000)
+            if (opt.ttl >> 16) & 0xFF:  # EDNS version we do not speak
+                return self._respond(data, req, None, tcp, limit, edns, do, ext_rcode=1)
+        q = req.q
+        view = self.view
+        key, suffix = _labels_key(q.qname.label)
+        apex = view.find_zone(suffix) if suffix is not None else None
+        if apex is None:
+            if q.qclass not in (_IN, _ANY_CLASS) or q.qtype in (_T_AXFR, _T_IXFR):
+                return self._respond(data, req, REFUSED, tcp, limit, edns, do, aa=False)
+            if not self.forwarding or not self.upstreams:
+                self.stats["refused_no_forwarding"] += 1
+                return self._respond(data, req, REFUSED, tcp, limit, edns, do, aa=False)
+            qend = _question_end(data)
+            if qend is None:
+                return self._rcode_only(data, FORMERR)
+            return _Forward(data, limit, qend, edns)
+        reply = self._authoritative(req, key, apex, view)
+        response = self._finish(data, reply, tcp, limit, edns, do)
+        if plain is not None:
+            self._remember(plain, data, response)
+        return response
+
+    def _rcode_only(self, data: bytes, rcode: int) -> bytes:
+        self.stats["rcode_" + RCODE_NAMES.get(rcode, "other")] += 1
+        return _header_only(data, rcode)
+
+    def _remember(self, plain: _Plain, data: bytes, response: bytes) -> None:
+        """Keep the response as a template (no ID, RD or CD; lower-case name)."""
+        if response[2] & 0x02 or response[12 : plain.qend] != data[12 : plain.qend]:
+            return  # truncated, or dnslib spelled the question differently: do not cache
+        if len(self._cache) >= CACHE_MAX:
+            self._cache.clear()
+        self._cache[plain.key] = b"".join(
+            (
+                b"\x00\x00",
+                bytes((response[2] & 0xFE, response[3] & 0xEF)),
+                response[4:12],
+                data[12 : plain.name_end].lower(),
+                response[plain.name_end :],
+            )
+        )
+
+    def _authoritative(
+        self, req: DNSRecord, key: str | None, apex: str, view: ZoneView
+    ) -> DNSRecord:
+        q = req.q
+        reply = DNSRecord(
+            DNSHeader(id=req.header.id, qr=1, aa=1, rd=0, ra=int(self.forwarding)), q=q
+        )
+        qtype, qname = q.qtype, q.qname
+        ttl = view.ttl
+        if q.qclass not in (_IN, _ANY_CLASS) or qtype in (_T_AXFR, _T_IXFR):
+            reply.header.rcode = REFUSED
+            reply.header.aa = 0
+            return reply
+        if key is not None and key == apex:
+            if qtype in (_T_SOA, _T_ANY):
+                reply.add_answer(self._soa_rr(qname, view))
+            if qtype in (_T_NS, _T_ANY):
+                ns = view.ns_name()
+                reply.add_answer(RR(qname, _T_NS, ttl=ttl, rdata=NS(ns)))
+                glue = view.get(ns)
+                if isinstance(glue, Host):
+                    reply.add_ar(RR(ns, _T_A, ttl=ttl, rdata=A(str(glue.a))))
+                    reply.add_ar(RR(ns, _T_AAAA, ttl=ttl, rdata=AAAA(str(glue.aaaa))))
+        else:
+            entry = view.get(key) if key is not None else None
+            if isinstance(entry, Host):
+                if qtype in (_T_A, _T_ANY):
+                    reply.add_answer(RR(qname, _T_A, ttl=ttl, rdata=A(str(entry.a))))
+                if qtype in (_T_AAAA, _T_ANY):
+                    reply.add_answer(RR(qname, _T_AAAA, ttl=ttl, rdata=AAAA(str(entry.aaaa))))
+            elif isinstance(entry, Pointer):
+                if qtype in (_T_PTR, _T_ANY):
+                    reply.add_answer(RR(qname, _T_PTR, ttl=ttl, rdata=PTR(entry.target)))
+            elif key is None or not view.exists(key):
+                reply.header.rcode = NXDOMAIN
+        if not reply.rr:
+            reply.add_auth(self._soa_rr(apex, view))  # negative answer (RFC 2308)
+        return reply
+
+    @staticmethod
+    def _soa_rr(name: Any, view: ZoneView) -> RR:
+        soa = view.soa()
+        return RR(
+            name,
+            _T_SOA,
+            ttl=view.ttl,
+            rdata=SOA(
+                soa.mname,
+                soa.rname,
+                (soa.serial, soa.refresh, soa.retry, soa.expire, soa.minimum),
+            ),
+        )
+
+    def _respond(
+        self,
+        data: bytes,
+        req: DNSRecord,
+        rcode: int | None,
+        tcp: bool,
+        limit: int,
+        edns: bool,
+        do: bool,
+        *,
+        aa: bool = True,
+        ext_rcode: int = 0,
+    ) -> bytes:
+        reply = DNSRecord(
+            DNSHeader(id=req.header.id, qr=1, aa=int(aa), rd=0, ra=int(self.forwarding)),
+            q=req.q,
+        )
+        reply.header.rcode = rcode or 0
+        return self._finish(data, reply, tcp, limit, edns, do, ext_rcode)
+
+    def _finish(
+        self,
+        data: bytes,
+        reply: DNSRecord,
+        tcp: bool,
+        limit: int,
+        edns: bool,
+        do: bool,
+        ext_rcode: int = 0,
+    ) -> bytes:
+        if edns:
+            reply.add_ar(
+                Edns0(udp_len=MAX_UDP_PAYLOAD, flags="do" if do else "", ext_rcode=ext_rcode)
+            )
+        out = bytearray(reply.pack())
+        out[0:2] = data[0:2]
+        out[2] |= data[2] & 0x01  # RD
+        out[3] |= data[3] & 0x10  # CD
+        rcode = (ext_rcode << 4) | (out[3] & 0x0F)
+        self.stats["rcode_" + (RCODE_NAMES.get(rcode, "other") if rcode < 16 else "BADVERS")] += 1
+        if not tcp and len(out) > limit:
+            self.stats["truncated"] += 1
+            qend = _question_end(data)
+            if qend is None:
+                return _header_only(data, SERVFAIL)
+            return _truncated(data, bytes(out), qend, edns)
+        return bytes(out)
+
+    # ------------------------------------------------------------ forwarding
+
+    async def forward(self, fwd: _Forward, tcp: bool) -> bytes:
+        """Ask the upstreams in turn; SERVFAIL when none gave a matching answer in time."""
+        data = fwd.data
+        if self._forwards >= MAX_FORWARDS:
+            self.stats["forward_busy"] += 1
+            return self._servfail(fwd)
+        self._forwards += 1
+        try:
+            for upstream in self.upstreams:
+                qid = os.urandom(2)
+                query = qid + data[2:]
+                try:
+                    resp = await asyncio.wait_for(
+                        self._udp_exchange(upstream, query, fwd), self.timeout
+                    )
+                    if resp[2] & 0x02 and tcp:
+                        resp = await asyncio.wait_for(
+                            self._tcp_exchange(upstream, query, fwd), self.timeout
+                        )
+                except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError):
+                    self.stats["forward_errors"] += 1
+                    continue
+                self.stats["forwarded"] += 1
+                out = data[:2] + resp[2:]
+                if not tcp and len(out) > fwd.limit:
+                    self.stats["truncated"] += 1
+                    return _truncated(data, out, fwd.qend, fwd.edns)
+                return out
+            self.stats["forward_failed"] += 1
+            return self._servfail(fwd)
+        finally:
+            self._forwards -= 1
+
+    def _servfail(self, fwd: _Forward) -> bytes:
+        self.stats["rcode_SERVFAIL"] += 1
+        data = fwd.data
+        head = data[:2] + bytes((0x80 | (data[2] & 0x79), 0x80 * self.forwarding | 2))
+        body = data[12 : fwd.qend]
+        if fwd.edns:
+            return head + b"\x00\x01\x00\x00\x00\x00\x00\x01" + body + _OPT_RR
+        return head + b"\x00\x01\x00\x00\x00\x00\x00\x00" + body
+
+    @staticmethod
+    def _valid_reply(resp: bytes, query: bytes, fwd: _Forward) -> bool:
+        return (
+            len(resp) >= fwd.qend
+            and resp[:2] == query[:2]
+            and bool(resp[2] & 0x80)
+            and resp[12 : fwd.qend].lower() == query[12 : fwd.qend].lower()
+        )
+
+    async def _udp_exchange(self, upstream: Addr, query: bytes, fwd: _Forward) -> bytes:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[bytes] = loop.create_future()
+        valid = self._valid_reply
+
+        class Proto(asyncio.DatagramProtocol):
+            def datagram_received(self, resp: bytes, addr: Any) -> None:
+                if not done.done() and valid(resp, query, fwd):
+                    done.set_result(resp)
+
+            def error_received(self, exc: Exception) -> None:
+                if not done.done():
+                    done.set_exception(exc)
+
+        transport, _ = await loop.create_datagram_endpoint(Proto, remote_addr=upstream)
+        try:
+            transport.sendto(query)
+            return await done
+        finally:
+            transport.close()
+
+    async def _tcp_exchange(self, upstream: Addr, query: bytes, fwd: _Forward) -> bytes:
+        reader, writer = await asyncio.open_connection(upstream[0], upstream[1])
+        try:
+            writer.write(len(query).to_bytes(2, "big") + query)
+            await writer.drain()
+            size = int.from_bytes(await reader.readexactly(2), "big")
+            resp = await reader.readexactly(size)
+            if not self._valid_reply(resp, query, fwd):
+                raise ValueError("upstream answered another question")
+            return resp
+        finally:
+            writer.close()
+
+    # ------------------------------------------------------------ transports
+
+    async def start(self, addrs: Sequence[Addr], *, strict: bool = True) -> list[Addr]:
+        """Listen on UDP and TCP at each address. ``strict``: an address that cannot be
+        bound is an OSError; otherwise it is logged and skipped."""
+        loop = asyncio.get_running_loop()
+        for host, port in addrs:
+            try:
+                usock = _bind(host, port, socket.SOCK_DGRAM)
+                try:
+                    port = usock.getsockname()[1]  # a port 0 request: TCP on the same one
+                    tsock = _bind(host, port, socket.SOCK_STREAM)
+                except OSError:
+                    usock.close()
+                    raise
+            except OSError as exc:
+                if strict:
+                    await self.stop()
+                    raise OSError(
+                        exc.errno, f"cannot bind DNS to {format_hostport((host, port))}: "
+                        f"{exc.strerror or exc}"
+                    ) from None  # fmt: skip
+                log.warning(
+                    "dns address skipped", addr=format_hostport((host, port)), error=str(exc)
+                )
+                continue
+            self._udp.append(_UdpListener(self, usock, loop))
+            self._tcp.append(await asyncio.start_server(self._tcp_client, sock=tsock))
+            self.bound.append((host, port))
+        return list(self.bound)
+
+    async def stop(self) -> None:
+        for t in self._udp:
+            t.close()
+        for s in self._tcp:
+            s.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for s in self._tcp:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(s.wait_closed(), 1.0)
+        self._udp, self._tcp, self.bound = [], [], []
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _forward_udp(self, fwd: _Forward, listener: _UdpListener, addr: Any) -> None:
+        listener.sendto(await self.forward(fwd, tcp=False), addr)
+
+    async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._tcp_active >= self.tcp_max:
+            self._drop("tcp_busy")
+            writer.close()
+            return
+        self._tcp_active += 1
+        try:
+            while True:
+                try:
+                    head = await asyncio.wait_for(reader.readexactly(2), self.tcp_idle)
+                    size = int.from_bytes(head, "big")
+                    if size == 0:
+                        self._drop("tcp_empty")
+                        return
+                    data = await asyncio.wait_for(reader.readexactly(size), TCP_IO_TIMEOUT)
+                except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError):
+                    return
+                self.stats["queries_tcp"] += 1
+                out = self.handle(data, tcp=True)
+                if isinstance(out, _Forward):
+                    out = await self.forward(out, tcp=True)
+                if out is None:
+                    return  # not a query: end the conversation
+                writer.write(len(out).to_bytes(2, "big") + out)
+                try:
+                    await asyncio.wait_for(writer.drain(), TCP_IO_TIMEOUT)
+                except (TimeoutError, ConnectionError, OSError):
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a connection's failure must not end the server
+            self.stats["dropped_internal_error"] += 1
+        finally:
+            self._tcp_active -= 1
+            writer.close()
+
+
+class _UdpListener:
+    """UDP without a transport: on readiness, drain up to :data:`UDP_BATCH` datagrams
+    and answer each at once (one selector wake-up for many queries). A reply the
+    socket buffer cannot take is dropped and counted, like any UDP loss."""
+
+    def __init__(self, server: DnsServer, sock: socket.socket, loop: asyncio.AbstractEventLoop):
+        self.server = server
+        self.sock = sock
+        self.loop = loop
+        loop.add_reader(sock.fileno(), self._ready)
+
+    def _ready(self) -> None:
+        server, sock = self.server, self.sock
+        stats = server.stats
+        for _ in range(UDP_BATCH):
+            try:
+                data, addr = sock.recvfrom(65_535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                stats["udp_errors"] += 1
+                return
+            stats["queries_udp"] += 1
+            out = server.handle(data, tcp=False)
+            if out is None:
+                continue
+            if isinstance(out, _Forward):
+                server._spawn(server._forward_udp(out, self, addr))
+                continue
+            self.sendto(out, addr)
+
+    def sendto(self, data: bytes, addr: Any) -> None:
+        try:
+            self.sock.sendto(data, addr)
+        except (BlockingIOError, InterruptedError):
+            self.server.stats["dropped_send_buffer_full"] += 1
+        except OSError:
+            self.server.stats["udp_errors"] += 1
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+_IP_FREEBIND: Final = 15  # Linux; also honoured by IPv6 sockets
+
+
+def _bind(host: str, port: int, kind: int) -> socket.socket:
+    """A bound, non-blocking socket. Non-loopback addresses are bound with IP_FREEBIND,
+    so the overlay addresses can be bound before the WireGuard interface has them."""
+    ip = ipaddress.ip_address(host.split("%", 1)[0])
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    sock = socket.socket(family, kind)
+    try:
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if not ip.is_loopback and not ip.is_unspecified:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_IP, _IP_FREEBIND, 1)
+        sock.bind((host, port))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def listen_addresses(config: DnsConfig, overlay: Sequence[str]) -> list[Addr]:
+    """Where the server listens: the configured addresses, or 127.0.0.1 and the overlay."""
+    if config.listen is not None:
+        return list(config.listen)
+    return [("127.0.0.1", config.port), *((a, config.port) for a in overlay)]
