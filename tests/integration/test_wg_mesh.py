@@ -10,19 +10,17 @@ carry the test's PID (the UAPI socket directory is shared by all namespaces).
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from meshd.netns import HTTP, Hosts, pid_alive, run, until
 
 pytestmark = [
     pytest.mark.integration,
@@ -31,143 +29,14 @@ pytestmark = [
 
 TAG = f"{os.getpid() % 100_000}"
 N = 5
-HTTP = "127.0.0.1:7947"
-
-
-def run(*cmd: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=timeout)
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[1][0] != "Z"
-    except OSError:
-        return False
-
-
-def until(probe: Callable[[], Any], within: float, what: str, step: float = 0.2) -> Any:
-    deadline = time.monotonic() + within
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(step)
-    raise AssertionError(f"timed out after {within:g} s waiting for {what} (last: {last!r})")
-
-
-class Mesh:
-    """N namespaces on a bridge (in its own namespace), one agent per namespace."""
-
-    def __init__(self, root: Path, n: int) -> None:
-        self.root = root
-        self.n = n
-        self.bridge_ns = f"mwe{TAG}br"
-        self.ns = [f"mwe{TAG}h{i}" for i in range(1, n + 1)]
-        self.procs: dict[int, subprocess.Popen[bytes]] = {}
-        self.wg_pids: set[int] = set()
-        self.logs: dict[int, Any] = {}
-
-    # -- topology ---------------------------------------------------------------------
-
-    def build(self) -> None:
-        run("ip", "netns", "add", self.bridge_ns)
-        run("ip", "-n", self.bridge_ns, "link", "add", "br0", "type", "bridge")
-        run("ip", "-n", self.bridge_ns, "link", "set", "br0", "up")
-        for i, ns in enumerate(self.ns, 1):
-            run("ip", "netns", "add", ns)
-            run("ip", "-n", ns, "link", "set", "lo", "up")
-            run(
-                "ip", "link", "add", "eth0", "netns", ns,
-                "type", "veth", "peer", "name", f"p{i}", "netns", self.bridge_ns,
-            )  # fmt: skip
-            run("ip", "-n", self.bridge_ns, "link", "set", f"p{i}", "master", "br0", "up")
-            run("ip", "-n", ns, "addr", "add", f"{self.underlay(i)}/24", "dev", "eth0")
-            run("ip", "-n", ns, "link", "set", "eth0", "up")
-
-    def teardown(self) -> None:
-        for i, proc in self.procs.items():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(5)
-            if i in self.logs:
-                self.logs[i].close()
-        for ns in [*self.ns, self.bridge_ns]:
-            for pid in run("ip", "netns", "pids", ns, check=False).stdout.split():
-                with contextlib.suppress(ProcessLookupError, ValueError):
-                    os.kill(int(pid), signal.SIGKILL)
-        for pid in self.wg_pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        for ns in [*self.ns, self.bridge_ns]:
-            run("ip", "netns", "del", ns, check=False)
-        for i in range(1, self.n + 1):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(f"/var/run/wireguard/{self.ifname(i)}.sock")
-
-    @staticmethod
-    def underlay(i: int) -> str:
-        return f"192.0.2.{i}"
-
-    @staticmethod
-    def ifname(i: int) -> str:
-        return f"mw{TAG}h{i}"
-
-    def datadir(self, i: int) -> Path:
-        return self.root / f"h{i}"
-
-    # -- agents -----------------------------------------------------------------------
-
-    def meshd(self, i: int, *args: str) -> subprocess.CompletedProcess[str]:
-        return run("ip", "netns", "exec", self.ns[i - 1], sys.executable, "-m", "meshd", *args)
-
-    def start(self, i: int, *args: str) -> None:
-        self.logs[i] = open(self.root / f"h{i}.log", "ab")  # noqa: SIM115
-        self.procs[i] = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns[i - 1], sys.executable, "-m", "meshd", *args],
-            stdout=self.logs[i],
-            stderr=subprocess.STDOUT,
-        )
-
-    def node_args(self, i: int) -> list[str]:
-        addr = self.underlay(i)
-        return [
-            "--data-dir", str(self.datadir(i)), "--name", f"h{i}",
-            "--listen", f"{addr}:7946", "--advertise", f"{addr}:7946",
-            "--interface", self.ifname(i),
-        ]  # fmt: skip
-
-    @staticmethod
-    def run_args() -> list[str]:
-        return ["--wg-backend", "userspace", "--profile", "local", "--dns", "off", "--http", HTTP]
-
-    def get(self, i: int, path: str) -> Any:
-        code = (
-            "import sys, urllib.request; "
-            "sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=3).read().decode())"
-        )
-        res = run(
-            "ip", "netns", "exec", self.ns[i - 1], sys.executable, "-c", code,
-            f"http://{HTTP}{path}", check=False,
-        )  # fmt: skip
-        return json.loads(res.stdout) if res.returncode == 0 else None
-
-    def ping(self, i: int, addr: str) -> bool:
-        res = run(
-            "ip", "netns", "exec", self.ns[i - 1], "ping", "-c", "1", "-W", "1", addr, check=False
-        )
-        return res.returncode == 0
-
-    def log(self, i: int) -> str:
-        return (self.root / f"h{i}.log").read_text(errors="replace")[-3000:]
+RUN_ARGS = ("--wg-backend", "userspace", "--profile", "local", "--dns", "off", "--http", HTTP)
 
 
 @pytest.fixture
-def mesh(tmp_path: Path) -> Iterator[Mesh]:
+def mesh(tmp_path: Path) -> Iterator[Hosts]:
     missing = [t for t in ("wireguard-go", "ip", "ping") if shutil.which(t) is None]
     assert not missing, f"missing {missing}: install wireguard-go iproute2 iputils-ping"
-    m = Mesh(tmp_path, N)
+    m = Hosts(tmp_path, N, prefix=f"mwe{TAG}", ifprefix=f"mw{TAG}")
     try:
         m.build()
         yield m
@@ -175,18 +44,18 @@ def mesh(tmp_path: Path) -> Iterator[Mesh]:
         m.teardown()
 
 
-def test_five_agents_mesh_over_wireguard(mesh: Mesh) -> None:
+def test_five_agents_mesh_over_wireguard(mesh: Hosts) -> None:
     t0 = time.monotonic()
     res = mesh.meshd(1, "init", *mesh.node_args(1))
     assert res.returncode == 0, res.stderr
     token = mesh.meshd(1, "token", "--data-dir", str(mesh.datadir(1)), "--uses", "20")
     assert token.returncode == 0, token.stderr
-    mesh.start(1, "run", "--data-dir", str(mesh.datadir(1)), *mesh.run_args())
+    mesh.start(1, "run", "--data-dir", str(mesh.datadir(1)), *RUN_ARGS)
     until(lambda: mesh.get(1, "/v1/status"), 20, "h1's agent")
     for i in range(2, N + 1):
         mesh.start(
             i, "up", *mesh.node_args(i), "--seed", f"{mesh.underlay(1)}:7946",
-            "--token", token.stdout.strip(), *mesh.run_args(),
+            "--token", token.stdout.strip(), *RUN_ARGS,
         )  # fmt: skip
     status = {
         i: until(lambda i=i: mesh.get(i, "/v1/status"), 30, f"h{i}'s agent")
@@ -249,7 +118,7 @@ def test_five_agents_mesh_over_wireguard(mesh: Mesh) -> None:
     assert not mesh.ping(1, addrs[victim]["ipv4"])
 
     # Restart it: same addresses, adopted wireguard-go, tunnels back.
-    mesh.start(victim, "run", "--data-dir", str(mesh.datadir(victim)), *mesh.run_args())
+    mesh.start(victim, "run", "--data-dir", str(mesh.datadir(victim)), *RUN_ARGS)
     st5 = until(lambda: mesh.get(victim, "/v1/status"), 30, "the restarted agent")
     assert st5["addresses"] == addrs[victim]
     assert st5["wireguard"]["adopted"] is True and st5["wireguard"]["pid"] == wg5
@@ -266,7 +135,7 @@ def test_five_agents_mesh_over_wireguard(mesh: Mesh) -> None:
         assert mesh.procs[i].wait(15) == 0, mesh.log(i)
     for i in range(1, N + 1):
         wg_pid = status[i]["wireguard"]["pid"]
-        until(lambda p=wg_pid: not alive(p), 5, f"h{i}'s wireguard-go to exit")
+        until(lambda p=wg_pid: not pid_alive(p), 5, f"h{i}'s wireguard-go to exit")
         assert (
             run("ip", "-n", mesh.ns[i - 1], "link", "show", mesh.ifname(i), check=False).returncode
             != 0
