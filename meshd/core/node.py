@@ -396,7 +396,7 @@ class Node:
         self.dirty = True
         self.swim.self_version = self.seq
         self._broadcast_record(self.record)
-        self.swim.push_pull(now)  # catch up at once instead of within the interval
+        self.swim.sync(now)  # catch up at once instead of within the interval
 
     def set_hostname(self, hostname: str | None, now: float) -> None:
         """Change the extra DNS name this node advertises and publish the new record."""

@@ -19,6 +19,7 @@ from meshd.core import wire
 from meshd.core.membership import (
     MAX_PP_BUCKETS,
     PP_SERVE_PER_SECOND,
+    SYNC_ATTEMPTS,
     Membership,
     MemberState,
     Refuted,
@@ -336,3 +337,56 @@ def test_no_push_pull_no_healing() -> None:
     net.blocked = lambda src, dst, msg: False
     net.run(10.0)
     assert all(net.state(i, j) is DEAD for i in range(4) for j in range(4, 8))
+
+
+def test_sync_retries_until_two_partners_answer() -> None:
+    """A start-up sync whose partners are not listening yet tries again, one probe
+    interval apart, and stops once two partners have answered."""
+    a = core(0)
+    peers = {i: core(i) for i in (1, 2, 3)}
+    for i, p in peers.items():
+        a.add_member(nid(i), addr(i), 0, NOW0)
+        p.add_member(nid(0), addr(0), 0, NOW0)
+        p.add_member(nid(9), addr(9), 4, NOW0)  # something a lacks: views differ
+    drain(a)
+    a.sync(NOW0)
+    assert len([m for m in drain(a) if m[0]["k"] == "pp"]) == 1  # lost: nobody listens yet
+    now, digests = NOW0, 0
+    for _ in range(200):
+        now = a.get_timer() or now
+        a.handle_timer(now)
+        for msg, dst in drain(a):
+            if msg["k"] != "pp" or msg["ph"] != 0:
+                continue
+            digests += 1
+            assert now >= NOW0 + digests * a.timing.probe_interval  # one try per interval
+            partner = next(p for p in peers.values() if p.self_addr == dst)
+            partner.receive(msg, a.self_addr, now)
+            for reply, _ in drain(partner):
+                if reply["k"] == "pp":
+                    a.receive(reply, partner.self_addr, now)
+        if not a._sync_left:
+            break
+    assert digests == 2  # two more tries, both answered
+    assert a.member(nid(9)) is not None
+    later = now + 10 * a.timing.probe_interval
+    a.handle_timer(later)
+    assert [m for m in drain(a) if m[0]["k"] == "pp" and m[0]["ph"] == 0] == []  # done
+
+
+def test_sync_gives_up_after_bounded_attempts() -> None:
+    a = core(0)
+    a.add_member(nid(1), addr(1), 0, NOW0)
+    drain(a)
+    a.sync(NOW0)
+    sent = len([m for m in drain(a) if m[0]["k"] == "pp"])
+    now = NOW0
+    for _ in range(50):
+        t = a.get_timer()
+        assert t is not None
+        now = t
+        a.handle_timer(now)
+        sent += len([m for m in drain(a) if m[0]["k"] == "pp"])
+        if now > NOW0 + 20 * a.timing.probe_interval:
+            break
+    assert sent == SYNC_ATTEMPTS  # NO_PP: no scheduled push-pull besides the sync
