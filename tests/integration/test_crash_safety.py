@@ -29,9 +29,10 @@ import meshd.state
 from meshd.state import DataDir
 
 SEED = 20241125
-TRIALS = 200
+TRIALS = 200  # at most; once the time budget is spent, stop after MIN_TRIALS
+MIN_TRIALS = 100  # issue 2: at least 100 kills
 MAX_KILL_DELAY = 0.030  # seconds after the child reports ready
-TIME_BUDGET = 90.0  # whole test; normally ~20 s
+TIME_BUDGET = 60.0  # soft: past it no trials beyond MIN_TRIALS (normally all 200 in ~20 s)
 CHILD_LIFETIME = 10.0  # the child stops writing by itself after this long
 CHILD_MAX_WRITES = 5_000
 READY_TIMEOUT = 10.0
@@ -184,15 +185,15 @@ def run_trial(datadir: Path, seed: int, delay: float, env: dict[str, str]) -> di
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(TIME_BUDGET + 60)
+@pytest.mark.timeout(600)
 def test_sigkill_never_leaves_a_torn_data_dir(tmp_path: Path) -> None:
     rng = random.Random(SEED)
     env = child_env()
     started = time.monotonic()
     results = []
     for trial in range(TRIALS):
-        elapsed = time.monotonic() - started
-        assert elapsed < TIME_BUDGET, f"only {trial} trials in {elapsed:.0f} s"
+        if trial >= MIN_TRIALS and time.monotonic() - started > TIME_BUDGET:
+            break  # a loaded machine: enough kills, keep the suite's time in bounds
         seed = rng.randrange(2**32)
         delay = rng.uniform(0, MAX_KILL_DELAY)
         try:
@@ -211,6 +212,6 @@ def test_sigkill_never_leaves_a_torn_data_dir(tmp_path: Path) -> None:
         f"writes per trial {min(r['writes'] for r in results)}-"
         f"{max(r['writes'] for r in results)}"
     )
-    assert len(results) == TRIALS
+    assert len(results) >= MIN_TRIALS
     # The test is only meaningful if kills really land inside writes.
-    assert killed_mid_write >= TRIALS // 40, f"only {killed_mid_write} kills landed mid-write"
+    assert killed_mid_write >= MIN_TRIALS // 40, f"only {killed_mid_write} kills landed mid-write"
