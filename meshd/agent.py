@@ -197,6 +197,8 @@ class Agent:
 
             self._http_runner, self.http_bound = await start_http(self, self.http_addr)
         self._write_run_file()
+        # The record says where to dial our WireGuard interface (0: we have none).
+        self.node.config.wg_port = self.wg.wg_port if self.wg is not None else 0
         self.node.announce(self.clock())
         self._pump()
         self._zone_sync()

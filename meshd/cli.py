@@ -434,6 +434,7 @@ def _node_config(settings: dict[str, Any]) -> NodeConfig:
         endpoints=[settings["advertise"]],
         zone=settings["zone"],
         version=__version__,
+        wg_port=int(settings["wg_port"]),
     )
 
 

@@ -16,6 +16,7 @@ from meshd.core.crypto import SigningKey, WireGuardKey
 from meshd.core.ipam import AddressPlan, BlockAllocator, IpamError, LeaseTable
 from meshd.core.membership import MemberState, Timing
 from meshd.core.node import Node, NodeConfig, blob_from_json
+from meshd.core.records import DEFAULT_WG_PORT
 from meshd.core.wire import KEY_LEN, Keyring, WireError
 from meshd.state import DataDir, StateError
 
@@ -87,6 +88,7 @@ def load(datadir: DataDir, now: float, timing: Timing | None = None) -> tuple[No
                 endpoints=list(me.get("endpoints", [])),
                 zone=cluster["zone"],
                 version=me.get("version", ""),
+                wg_port=int(me.get("wg_port", DEFAULT_WG_PORT)),
             ),
             leader=bytes.fromhex(cluster["leader"]),
             admission=blob_from_json(me["admission"]),

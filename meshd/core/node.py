@@ -54,7 +54,7 @@ from meshd.core.membership import (
     SyncNeeded,
     Timing,
 )
-from meshd.core.records import Merge, PeerRecord, RecordStore, sign_record
+from meshd.core.records import DEFAULT_WG_PORT, Merge, PeerRecord, RecordStore, sign_record
 from meshd.core.wire import Addr, DropReason, Keyring, Kind, RandomBytes, WireError
 
 CONTROL_DOMAIN: Final = b"meshd control v1"
@@ -157,6 +157,8 @@ class NodeConfig:
     endpoints: list[str]
     zone: str
     version: str
+    #: WireGuard listen port published in the record (0: no WireGuard interface).
+    wg_port: int = DEFAULT_WG_PORT
 
 
 class Node:
@@ -449,6 +451,7 @@ class Node:
                 "name": self.config.name,
                 "hostname": self.config.hostname,
                 "endpoints": self.config.endpoints,
+                "wg_port": self.config.wg_port,
                 "version": self.config.version,
                 "seq": self.seq,
                 "admission": _blob_json(self._admission_blob),
@@ -964,6 +967,7 @@ class Node:
             now=now,
             version=self.config.version,
             admission=self._admission_blob,
+            wg_port=self.config.wg_port,
         )
         rec = self.store.verify(blob, now)
         self.store.remove(rec.node_id)

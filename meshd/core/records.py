@@ -40,6 +40,8 @@ RECORD_DOMAIN: Final = b"meshd record v1"
 MAX_ENDPOINTS: Final = 16
 MAX_NAME: Final = 63
 MAX_HOSTNAME: Final = 253
+#: WireGuard's customary port; what ``meshd`` listens on unless ``--wg-port`` says otherwise.
+DEFAULT_WG_PORT: Final = 51820
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,9 @@ class PeerRecord:
     sign_key: bytes
     wg_key: bytes
     endpoints: tuple[str, ...]
+    #: The member's WireGuard listen port (0: it has no WireGuard interface to dial).
+    #: Its WireGuard endpoint is the host of ``endpoints[0]`` at this port.
+    wg_port: int
     issued_at: float
     version: str
     admission: Admission
@@ -89,8 +94,11 @@ def sign_record(
     now: float,
     version: str,
     admission: SignedBlob,
+    wg_port: int = DEFAULT_WG_PORT,
 ) -> SignedBlob:
     """Build and sign this node's record. ``seq`` must grow with every change."""
+    if not 0 <= wg_port <= 65535:
+        raise ValueError(f"WireGuard port {wg_port} is out of range (0-65535)")
     return SignedBlob.sign(
         key,
         RECORD_DOMAIN,
@@ -102,6 +110,7 @@ def sign_record(
             "sk": key.public,
             "wg": wg_key,
             "ep": endpoints[:MAX_ENDPOINTS],
+            "wgp": wg_port,
             "ts": now,
             "ver": version,
             "cert": admission.to_wire(),
@@ -144,6 +153,7 @@ def verify_record(
         sign_key=sign_key,
         wg_key=wg_key,
         endpoints=tuple(endpoints),
+        wg_port=wire.int_field(m, "wgp", 0, 65535),
         issued_at=wire.num_field(m, "ts"),
         version=wire.field(m, "ver", str),
         admission=admission,

@@ -11,7 +11,9 @@ Rules (``protocols``-level behaviour an operator can rely on):
   dropping its tunnel would make a flapping detector cut traffic). DEAD, LEFT and
   members without a SWIM state have none.
 * The peer's key is the member's WireGuard key, its allowed IPs exactly its /32 and
-  /128, its keepalive 25 s, its endpoint the member's advertised WireGuard endpoint.
+  /128, its keepalive 25 s, its endpoint the member's advertised WireGuard endpoint
+  (:func:`record_wg_endpoint`: the host of its first gossip endpoint at the WireGuard
+  port in its signed record, so members may listen on different ports).
 * A member whose key changed is replaced (remove the old key, add the new one): keys
   are WireGuard's identity, a peer cannot be re-keyed in place.
 * Roaming wins over the record while the tunnel is alive: WireGuard updates a peer's
@@ -233,21 +235,18 @@ def apply_ops(actual: Mapping[bytes, PeerStatus], ops: Iterable[PeerOp]) -> dict
 # ------------------------------------------------------------------------------ desired
 
 
-def gossip_host_endpoint(wg_port: int) -> Callable[[PeerRecord], str | None]:
-    """The WireGuard endpoint of a member: the host of its first advertised endpoint at
-    ``wg_port`` (every member uses the cluster's WireGuard port until records carry
-    their own), or None when that host is not an IP literal."""
-
-    def endpoint(rec: PeerRecord) -> str | None:
-        if not rec.endpoints:
-            return None
-        try:
-            host, _ = split_hostport(rec.endpoints[0])
-        except ValueError:
-            return None
-        return endpoint_or_none(format_hostport((host, wg_port)))
-
-    return endpoint
+def record_wg_endpoint(rec: PeerRecord) -> str | None:
+    """The WireGuard endpoint a member advertises: the host of its first endpoint at the
+    WireGuard port its signed record carries. None when the record has no endpoint, a
+    port of 0 (no interface to dial: it can still dial us) or a host that is not an IP
+    literal (WireGuard takes no names)."""
+    if not rec.endpoints or rec.wg_port == 0:
+        return None
+    try:
+        host, _ = split_hostport(rec.endpoints[0])
+    except ValueError:
+        return None
+    return endpoint_or_none(format_hostport((host, rec.wg_port)))
 
 
 def desired_peers(
@@ -256,7 +255,7 @@ def desired_peers(
     plan: AddressPlan,
     *,
     self_id: bytes,
-    endpoint: Callable[[PeerRecord], str | None],
+    endpoint: Callable[[PeerRecord], str | None] = record_wg_endpoint,
     self_key: bytes = b"",
     keepalive: int = KEEPALIVE,
 ) -> Desired:

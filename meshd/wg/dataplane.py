@@ -26,7 +26,7 @@ import structlog
 from meshd.core.membership import MemberState
 from meshd.core.node import Node
 from meshd.core.records import PeerRecord
-from meshd.core.wgplan import Desired, desired_peers, gossip_host_endpoint
+from meshd.core.wgplan import Desired, desired_peers
 from meshd.wg.base import DEFAULT_MTU, InterfaceConfig, WireGuardBackend, WireGuardError
 from meshd.wg.reconcile import EndpointObserved, Reconciler
 
@@ -81,7 +81,6 @@ class DataPlane:
         self.wg_port = wg_port
         self.mtu = mtu
         self.clock = clock
-        self._endpoint = gossip_host_endpoint(wg_port)
         self._lock = InterfaceLock(backend.interface) if lock else None
         #: node id -> the endpoint its tunnel is actually seen from (a future NAT
         #: candidate; the agent feeds these to the core once records carry them).
@@ -117,7 +116,6 @@ class DataPlane:
             node.plan,
             self_id=node.sign.node_id,
             self_key=node.wg.public,
-            endpoint=self._endpoint,
         )
         for nid, why in d.conflicts.items():
             if self.conflicts.get(nid) != why:

@@ -51,6 +51,7 @@ def build() -> dict[str, Any]:
         now=NOW,
         version="0.1.0",
         admission=adm.blob,
+        wg_port=51999,
     )
     body = wire.pack({"t": "push", "recs": [record.to_wire()], "leases": [], "ack": False})
     sealed = keyring.seal(body, lambda n: bytes(range(n)))

@@ -45,7 +45,7 @@ from meshd.core.ipam import AddressPlan
 from meshd.core.join import JoinClient, JoinFailed, JoinGrant, JoinState, JoinSucceeded
 from meshd.core.node import CONTROL_DOMAIN, Admitted, ControlFailed, Node, Op
 from meshd.core.records import RECORD_DOMAIN, PeerRecord, RecordStore, sign_record, verify_record
-from meshd.core.wire import Keyring, Kind, WireError
+from meshd.core.wire import DropReason, Keyring, Kind, WireError
 from protocols.vectors.generate import seed
 
 from .corenet import Net
@@ -418,6 +418,7 @@ def check_record(rec: PeerRecord, ca_public: bytes, plan: AddressPlan, now: floa
     assert rec.wg_key == rec.admission.wg_key
     assert 0 < len(rec.name) <= 63
     assert len(rec.endpoints) <= 16
+    assert 0 <= rec.wg_port <= 65535 and isinstance(rec.wg_port, int)
     assert rec.seq >= 0
 
 
@@ -587,6 +588,39 @@ class TestVerify:
         ):
             blob = SignedBlob(body, key.sign(domain, body))
             accept_or_reject(functools.partial(verify, blob))
+
+
+@pytest.mark.parametrize(
+    "wgp", [None, "missing", True, -1, 65536, 2**40, 51820.0, "51820", b"\xca\x6c"]
+)
+def test_record_wg_port_is_a_required_int_in_range(wgp: Any) -> None:
+    """The WireGuard port is part of the signed record: missing, a bool, a float, text or
+    out of 0-65535 is malformed even with a valid signature."""
+    fields = fields_of(RECORD)
+    if wgp == "missing":
+        del fields["wgp"]
+    else:
+        fields["wgp"] = wgp
+    body = wire.pack(fields)
+    blob = SignedBlob(body, MEMBER.sign(RECORD_DOMAIN, body))
+    with pytest.raises(WireError) as exc:
+        verify_record(blob, CA.public, PLAN, NOW)
+    assert exc.value.reason is DropReason.MALFORMED
+
+
+def test_record_wg_port_round_trips() -> None:
+    assert verify_record(RECORD, CA.public, PLAN, NOW).wg_port == 51820
+    fields = fields_of(RECORD)
+    for port in (0, 1, 65535):
+        fields["wgp"] = port
+        body = wire.pack(fields)
+        blob = SignedBlob(body, MEMBER.sign(RECORD_DOMAIN, body))
+        assert verify_record(blob, CA.public, PLAN, NOW).wg_port == port
+    with pytest.raises(ValueError):
+        sign_record(
+            MEMBER, seq=1, name="x", hostname=None, wg_key=MEMBER_WG.public, endpoints=[],
+            now=NOW, version="v", admission=ADMISSION.blob, wg_port=70000,
+        )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ tokens

@@ -20,7 +20,7 @@ from meshd.core.wgplan import (
     RemovePeer,
     UpdatePeer,
     desired_peers,
-    gossip_host_endpoint,
+    record_wg_endpoint,
 )
 from meshd.wg import BackendUnavailable, InterfaceConfig, MemoryBackend, select_backend
 from meshd.wg.base import WireGuardError
@@ -314,7 +314,7 @@ async def test_memory_mesh_follows_membership() -> None:
                 viewer.plan,
                 self_id=viewer.sign.node_id,
                 self_key=viewer.wg.public,
-                endpoint=gossip_host_endpoint(51820),
+                endpoint=record_wg_endpoint,
             ).peers
         )
 

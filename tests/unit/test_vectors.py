@@ -200,6 +200,8 @@ class TestSignedObjects:
         assert rec.sign_key == MEMBER.public
         assert rec.wg_key == WG.public
         assert rec.endpoints == ("192.0.2.10:7946",)
+        assert rec.wg_port == 51999
+        assert wire.unpack(blob.body)["wgp"] == 51999  # the field name the spec gives
         assert rec.issued_at == now()
         assert rec.version == "0.1.0"
         assert rec.admission.blob == SignedBlob.decode(raw("admission"), "admission")

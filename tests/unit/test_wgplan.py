@@ -21,10 +21,10 @@ from meshd.core.wgplan import (
     UpdatePeer,
     apply_ops,
     desired_peers,
-    gossip_host_endpoint,
     normalize_cidr,
     normalize_endpoint,
     plan_peers,
+    record_wg_endpoint,
 )
 
 from .corenet import Net
@@ -230,7 +230,7 @@ def _cluster(n: int) -> tuple[Net, list[Node]]:
     return net, nodes
 
 
-def _desired(viewer: Node, wg_port: int = 51820) -> dict[bytes, PeerSpec]:
+def _desired(viewer: Node) -> dict[bytes, PeerSpec]:
     def state_of(nid: bytes) -> MemberState | None:
         s = viewer.member_state(nid)
         return None if s is None else s[0]
@@ -241,7 +241,6 @@ def _desired(viewer: Node, wg_port: int = 51820) -> dict[bytes, PeerSpec]:
         viewer.plan,
         self_id=viewer.sign.node_id,
         self_key=viewer.wg.public,
-        endpoint=gossip_host_endpoint(wg_port),
     ).peers
 
 
@@ -280,7 +279,7 @@ def test_suspect_keeps_its_peer_and_unknown_has_none() -> None:
         states.get,
         viewer.plan,
         self_id=viewer.sign.node_id,
-        endpoint=gossip_host_endpoint(51820),
+        endpoint=record_wg_endpoint,
     )
     assert set(d.peers) == {nodes[1].wg.public}  # nodes[2]: no SWIM state -> unknown
     assert d.owners == {nodes[1].wg.public: nodes[1].sign.node_id}
@@ -298,7 +297,7 @@ def test_duplicate_key_and_address_conflicts_keep_the_lowest_node_id() -> None:
         lambda _nid: MemberState.ALIVE,
         viewer.plan,
         self_id=viewer.sign.node_id,
-        endpoint=gossip_host_endpoint(51820),
+        endpoint=record_wg_endpoint,
     )
     assert set(d.peers) == {a.wg_key} and b.node_id in d.conflicts
     same_addr = dataclasses.replace(b, admission=a.admission)
@@ -307,7 +306,7 @@ def test_duplicate_key_and_address_conflicts_keep_the_lowest_node_id() -> None:
         lambda _nid: MemberState.ALIVE,
         viewer.plan,
         self_id=viewer.sign.node_id,
-        endpoint=gossip_host_endpoint(51820),
+        endpoint=record_wg_endpoint,
     )
     assert set(d.peers) == {a.wg_key} and "address" in d.conflicts[b.node_id]
 
@@ -317,6 +316,25 @@ def test_endpoint_needs_an_ip_literal() -> None:
     rec = nodes[0].store.get(nodes[1].sign.node_id)
     assert rec is not None
     named = dataclasses.replace(rec, endpoints=("host.example:7946",))
-    assert gossip_host_endpoint(51820)(named) is None
-    v6 = dataclasses.replace(rec, endpoints=("[2001:db8::1]:7946",))
-    assert gossip_host_endpoint(51999)(v6) == "[2001:db8::1]:51999"
+    assert record_wg_endpoint(named) is None
+    v6 = dataclasses.replace(rec, endpoints=("[2001:db8::1]:7946",), wg_port=51999)
+    assert record_wg_endpoint(v6) == "[2001:db8::1]:51999"
+    assert record_wg_endpoint(dataclasses.replace(rec, wg_port=0)) is None
+    assert record_wg_endpoint(dataclasses.replace(rec, endpoints=())) is None
+
+
+def test_each_member_is_dialled_at_the_port_its_signed_record_carries() -> None:
+    """Members need not share --wg-port: the port travels in the signed record, and a
+    member without a WireGuard interface (port 0) gets a peer with no endpoint."""
+    net, nodes = _cluster(3)
+    nodes[1].config.wg_port = 51999
+    nodes[1].announce(net.now)
+    nodes[2].config.wg_port = 0
+    nodes[2].announce(net.now)
+    net.advance(3.0)
+    want = _desired(nodes[0])
+    host1 = nodes[1].config.endpoints[0].split(":")[0]
+    assert want[nodes[1].wg.public].endpoint == f"{host1}:51999"
+    assert want[nodes[2].wg.public].endpoint is None
+    rec = nodes[0].store.get(nodes[1].sign.node_id)
+    assert rec is not None and rec.wg_port == 51999 and rec.seq == nodes[1].seq
