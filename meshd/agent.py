@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import errno
+import ipaddress
 import json
 import logging
 import os
@@ -37,8 +39,10 @@ from meshd.core.membership import (
 )
 from meshd.core.naming import Conflict, ZoneView
 from meshd.core.node import Node
+from meshd.core.paths import PathChanged
 from meshd.core.wire import Addr, format_hostport, split_hostport
 from meshd.dns import DnsConfig, DnsServer, default_upstreams, listen_addresses
+from meshd.dns import _bind as bind_socket
 from meshd.state import DataDir, atomic_write
 from meshd.wg.dataplane import DataPlane
 
@@ -152,6 +156,10 @@ class Agent:
         self.metrics = Metrics()
         self.stopped = asyncio.Event()
         self._transport: asyncio.DatagramTransport | None = None
+        #: Gossip sockets on the overlay addresses, by address family (the tunnel path);
+        #: a family missing here is served by the main socket if that is a wildcard.
+        self._overlay: dict[int, asyncio.DatagramTransport] = {}
+        self.overlay_listen: list[str] = []
         self._timer: asyncio.TimerHandle | None = None
         self._view_flush: asyncio.TimerHandle | None = None
         self._http_runner: Any = None
@@ -182,6 +190,8 @@ class Agent:
             except BaseException:
                 self._transport.close()
                 raise
+            self.wg.after_report = self._pump
+            await self._listen_overlay()
         if self.dns_config is not None:
             self._zone_sync()
             try:
@@ -226,6 +236,9 @@ class Agent:
             await self.dns.stop()
         if self.wg is not None:
             await self.wg.stop()  # removes the interface, stops wireguard-go
+        for transport in self._overlay.values():
+            transport.close()
+        self._overlay.clear()
         if self._transport is not None:
             self._transport.close()
         self._persist()
@@ -260,6 +273,51 @@ class Agent:
         self._zone_member(self.node.sign.node_id)
         return self.node.seq
 
+    async def _listen_overlay(self) -> None:
+        """Also receive gossip on the overlay addresses, at the advertised gossip port
+        (where the others send once a tunnel is up). A wildcard main socket already
+        receives it for its family and cannot share the port; then it serves that path."""
+        loop = asyncio.get_running_loop()
+        port = split_hostport(self.node.config.endpoints[0])[1]
+        main = ipaddress.ip_address(self.listen_addr[0])
+        for host in self.node.addresses():
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            try:
+                sock = bind_socket(host, port, socket.SOCK_DGRAM)
+            except OSError as exc:
+                covered = main.is_unspecified and (main.version == 6 or family == socket.AF_INET)
+                if exc.errno == errno.EADDRINUSE and covered:
+                    self.overlay_listen.append(format_hostport((host, port)) + " (main socket)")
+                    continue
+                log.warning(
+                    "cannot listen for gossip on the overlay; the bootstrap channel carries it",
+                    address=format_hostport((host, port)),
+                    error=exc.strerror,
+                )
+                continue
+            transport, _ = await loop.create_datagram_endpoint(lambda: _Protocol(self), sock=sock)
+            self._overlay[family] = transport
+            self.overlay_listen.append(format_hostport((host, port)))
+
+    def _socket_for(self, addr: Addr) -> tuple[asyncio.DatagramTransport, Addr]:
+        """Overlay destinations leave from the overlay socket of their family (so the
+        receiver sees our overlay address), everything else from the main socket."""
+        assert self._transport is not None
+        try:
+            ip = ipaddress.ip_address(addr[0])
+        except ValueError:
+            return self._transport, addr
+        plan = self.node.plan
+        if ip in plan.cidr4 or ip in plan.cidr6:
+            family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+            transport = self._overlay.get(family)
+            if transport is not None:
+                return transport, addr
+            sock = self._transport.get_extra_info("socket")
+            if ip.version == 4 and sock is not None and sock.family == socket.AF_INET6:
+                return self._transport, (f"::ffff:{ip}", addr[1])
+        return self._transport, addr
+
     # --------------------------------------------------------------- core driving
 
     def on_datagram(self, data: bytes, addr: Addr) -> None:
@@ -280,7 +338,8 @@ class Agent:
         assert self._transport is not None
         for data, addr in self.node.datagrams_to_send():
             try:
-                self._transport.sendto(data, addr)
+                transport, dest = self._socket_for(addr)
+                transport.sendto(data, dest)
                 self.metrics.tx_packets += 1
                 self.metrics.tx_bytes += len(data)
             except OSError:
@@ -354,6 +413,14 @@ class Agent:
             )
         elif isinstance(event, MemberRemoved):
             log.info("member forgotten", id=event.node_id.hex())
+        elif isinstance(event, PathChanged):
+            log.log(
+                logging.WARNING if event.reason == "no answer" else logging.INFO,
+                "gossip path " + event.path.value,
+                name=_name_of(self.node, event.node_id),
+                id=event.node_id.hex(),
+                reason=event.reason,
+            )
         elif isinstance(event, core.LeaveFinished):
             log.info("leave finished", acknowledged=event.acknowledged)
             if self._leave_done is not None and not self._leave_done.done():
@@ -484,6 +551,10 @@ class Agent:
             "endpoints": node.config.endpoints,
             "version": node.config.version,
             "uptime_s": round(self.clock() - self.metrics.started, 3),
+            "gossip_paths": {
+                **node.paths.describe(self.clock()),
+                "overlay_listen": self.overlay_listen,
+            },
             "gossip": {
                 "incarnation": node.swim.incarnation,
                 "local_health": node.swim.local_health,
@@ -517,7 +588,8 @@ class Agent:
                     "record_seq": rec.seq,
                     "addresses": {"ipv4": str(v4), "ipv6": str(v6)},
                     "endpoints": list(rec.endpoints),
-                    "nat_candidates": [],
+                    "wg_port": rec.wg_port,
+                    **self._observed_fields(rec.node_id),
                     **(
                         self.wg.member_fields(rec)
                         if self.wg
@@ -531,6 +603,29 @@ class Agent:
                 }
             )
         return out
+
+    def _observed_fields(self, nid: bytes) -> dict[str, Any]:
+        """What the core keeps about where a member's tunnel is seen from, and which path
+        gossip to it takes. The observed endpoint is the first NAT-traversal candidate
+        (server-reflexive, as WireGuard saw it)."""
+        obs = self.node.observed_endpoint(nid)
+        path = self.node.paths.path_of(nid)
+        fields: dict[str, Any] = {
+            "seen_from": None,
+            "observed_endpoint": None,
+            "nat_candidates": [],
+            "gossip_path": path.value if path else None,
+        }
+        if obs is not None:
+            observed = {
+                "endpoint": obs.endpoint,
+                "last_handshake": obs.last_handshake,
+                "reported_at": obs.reported_at,
+            }
+            fields["seen_from"] = obs.endpoint
+            fields["observed_endpoint"] = observed
+            fields["nat_candidates"] = [{"kind": "observed", **observed}]
+        return fields
 
     def leases(self) -> list[dict[str, Any]]:
         node = self.node

@@ -124,15 +124,34 @@ class _AgentCollector(Collector):
         a = self.agent
         m = a.metrics
         for name, doc, value in (
-            ("meshd_rx_packets", "Datagrams received on the bootstrap channel", m.rx_packets),
-            ("meshd_tx_packets", "Datagrams sent on the bootstrap channel", m.tx_packets),
-            ("meshd_rx_bytes", "Bytes received on the bootstrap channel", m.rx_bytes),
-            ("meshd_tx_bytes", "Bytes sent on the bootstrap channel", m.tx_bytes),
+            ("meshd_rx_packets", "Gossip datagrams received (both paths)", m.rx_packets),
+            ("meshd_tx_packets", "Gossip datagrams sent (both paths)", m.tx_packets),
+            ("meshd_rx_bytes", "Gossip bytes received (both paths)", m.rx_bytes),
+            ("meshd_tx_bytes", "Gossip bytes sent (both paths)", m.tx_bytes),
             ("meshd_send_errors", "Datagrams the socket refused", m.send_errors),
             ("meshd_state_writes", "Atomic writes of state.json", m.state_writes),
             ("meshd_joins_admitted", "Join requests this node admitted", a.node.admitted),
+            (
+                "meshd_gossip_path_fallbacks",
+                "Tunnels whose gossip fell back to the bootstrap channel (probe unanswered)",
+                a.node.paths.stats.fallbacks,
+            ),
+            (
+                "meshd_gossip_path_resent",
+                "Probes re-sent over the bootstrap channel after a fallback",
+                a.node.paths.stats.resent,
+            ),
         ):
             yield CounterMetricFamily(name, doc, value=value)
+        paths = CounterMetricFamily(
+            "meshd_gossip_packets",
+            "Gossip datagrams by direction (rx, tx) and path (overlay, underlay)",
+            labels=["direction", "path"],
+        )
+        for direction, counts in (("rx", a.node.paths.stats.rx), ("tx", a.node.paths.stats.tx)):
+            for path in ("overlay", "underlay"):
+                paths.add_metric([direction, path], counts[path])
+        yield paths
         drops = CounterMetricFamily(
             "meshd_dropped_packets", "Inbound datagrams dropped, by reason", labels=["reason"]
         )

@@ -43,7 +43,12 @@ from meshd.core.crypto import NODE_ID_LEN, PUB_LEN, SignedBlob, SigningKey, Wire
 from meshd.core.ipam import AddressPlan, BlockAllocator, IpamError, LeaseTable, NoAvailableIps
 from meshd.core.join import JoinErrorCode, JoinGrant
 from meshd.core.membership import (
+    ACK,
+    NACK,
+    PING,
+    PING_REQ,
     PROFILES,
+    MemberAddressChanged,
     MemberJoined,
     MemberRemoved,
     Membership,
@@ -54,6 +59,7 @@ from meshd.core.membership import (
     SyncNeeded,
     Timing,
 )
+from meshd.core.paths import GossipPaths, Observed, PathChanged, PathPolicy
 from meshd.core.records import DEFAULT_WG_PORT, Merge, PeerRecord, RecordStore, sign_record
 from meshd.core.wire import Addr, DropReason, Keyring, Kind, RandomBytes, WireError
 
@@ -132,6 +138,7 @@ Event = (
     | MemberStateChanged
     | MemberRemoved
     | Refuted
+    | PathChanged
 )
 
 
@@ -242,6 +249,10 @@ class Node:
             incarnation,
             learn_unknown=False,
         )
+        #: Overlay or bootstrap channel per member (meshd/core/paths.py).
+        self.paths = GossipPaths(PathPolicy.for_probes(timing.probe_interval, timing.probe_timeout))
+        #: Time of the latest input: outputs are stamped with it (no clock is read here).
+        self._now = now
         #: Records asked for: node id -> (seq announced, when asked).
         self._wanted: OrderedDict[bytes, tuple[int, float]] = OrderedDict()
         self._want_batch: dict[Addr, list[bytes]] = {}
@@ -323,19 +334,30 @@ class Node:
     # ------------------------------------------------------------------------ outputs
 
     def datagrams_to_send(self) -> list[tuple[bytes, Addr]]:
+        """Sealed datagrams and where to send them: a member's bootstrap address, or its
+        overlay address while its tunnel carries gossip (:mod:`meshd.core.paths`)."""
+        now = self._now
+        out = [
+            (data, self.paths.outbound(data, addr, now, probe=False)) for data, addr in self._out
+        ]
+        self._out = []
         for msg, addr in self.swim.messages_to_send():
-            self._out.append((self._seal({"t": "swim", "m": msg}), addr))
-        out, self._out = self._out, []
+            data = self._seal({"t": "swim", "m": msg})
+            probe = msg.get("k") in (PING, PING_REQ)
+            seq = msg.get("seq") if probe else None
+            out.append((data, self.paths.outbound(data, addr, now, probe=probe, seq=seq)))
         return out
 
     def next_event(self) -> Event | None:
+        while (ev := self.paths.next_event()) is not None:
+            self._events.append(ev)
         return self._events.pop(0) if self._events else None
 
     def get_timer(self) -> float | None:
         times = [p.next_try for p in self._pending.values()]
-        swim = self.swim.get_timer()
-        if swim is not None:
-            times.append(swim)
+        for t in (self.swim.get_timer(), self.paths.get_timer()):
+            if t is not None:
+                times.append(t)
         times.extend(exp for exp, _ in self._token_ok.values())
         if self._replies:
             times.append(next(iter(self._replies.values()))[0] + REPLY_CACHE_TTL)
@@ -344,7 +366,11 @@ class Node:
     # ------------------------------------------------------------------------- inputs
 
     def receive(self, data: bytes, addr: Addr, now: float) -> None:
-        """Handle one datagram; malformed or unauthenticated input is counted and dropped."""
+        """Handle one datagram; malformed or unauthenticated input is counted and dropped.
+        ``addr`` may be a member's overlay address: it is credited to the overlay path and
+        replaced by the member's bootstrap address before the protocol sees it."""
+        self._now = now
+        addr = self.paths.inbound(addr, now)
         try:
             kind = wire.parse_header(data)
             if kind is Kind.SEALED:
@@ -358,6 +384,10 @@ class Node:
         self._swim_events(now)
 
     def handle_timer(self, now: float) -> None:
+        self._now = now
+        # Probes that went unanswered over a tunnel go again over the bootstrap channel
+        # (the member is held down there, so datagrams_to_send routes them so).
+        self._out.extend(self.paths.handle_timer(now))
         self.swim.handle_timer(now)
         self._swim_events(now)
         for rid, p in list(self._pending.items()):
@@ -391,6 +421,7 @@ class Node:
 
     def announce(self, now: float, endpoints: list[str] | None = None) -> None:
         """(Re)publish this node's record (new seq) and push it to every known member."""
+        self._now = now
         if endpoints is not None:
             self.config.endpoints = endpoints
         self.seq += 1
@@ -407,6 +438,7 @@ class Node:
 
     def leave(self, now: float) -> None:
         """Release this node's address and blocks, then report :class:`LeaveFinished`."""
+        self._now = now
         if self.is_leader and any(r.node_id != self.sign.node_id for r in self.store):
             raise ValueError(
                 "the leader holds the cluster CA and cannot leave while other members exist"
@@ -651,7 +683,10 @@ class Node:
         m = wire.as_map(wire.unpack(body, max_array=256), "sealed body")
         t = wire.field(m, "t", str)
         if t == "swim":
-            self.swim.receive(wire.as_map(m.get("m"), "membership message"), addr, now)
+            msg = wire.as_map(m.get("m"), "membership message")
+            if msg.get("k") in (ACK, NACK) and isinstance(msg.get("seq"), int):
+                self.paths.answered(msg["seq"])  # a probe got through, whichever path
+            self.swim.receive(msg, addr, now)
         elif t == "rq":
             self._on_record_request(m, addr)
         elif t == "push":
@@ -718,6 +753,17 @@ class Node:
         state, inc = self._restored.get(rec.node_id, (MemberState.ALIVE, 0))
         self.swim.add_member(rec.node_id, _addr(rec.endpoints[0]), inc, now, state)
         self.swim.set_version(rec.node_id, rec.seq)
+        self._learn_paths(rec.node_id)
+
+    def _learn_paths(self, nid: bytes) -> None:
+        """Tell the path choice a member's bootstrap address (as the SWIM view holds it)
+        and its overlay gossip address (overlay IPv4 at its advertised gossip port)."""
+        rec, view = self.store.get(nid), self.swim.member(nid)
+        if rec is None or view is None or not rec.endpoints:
+            return
+        v4, v6 = rec.addresses(self.plan)
+        port = _addr(rec.endpoints[0])[1]
+        self.paths.learn(nid, view.addr, (str(v4), port), (str(v6),))
 
     def _broadcast_record(self, rec: PeerRecord) -> None:
         """Announce a record we hold as (id, seq): about 30 bytes instead of about 620, so
@@ -765,9 +811,17 @@ class Node:
                 # if the member is still around somewhere).
                 if ev.node_id != self.leader and self.store.remove(ev.node_id) is not None:
                     self.view_dirty = True
+                self.paths.forget(ev.node_id)
                 self._events.append(ev)
+            elif isinstance(ev, MemberAddressChanged):
+                self._learn_paths(ev.node_id)
             elif isinstance(ev, MemberJoined | MemberStateChanged):
                 self.view_dirty = True
+                if isinstance(ev, MemberStateChanged) and ev.new in (
+                    MemberState.DEAD,
+                    MemberState.LEFT,
+                ):
+                    self.paths.down(ev.node_id)  # its tunnel is being removed
                 self._events.append(ev)
         for addr, ids in self._want_batch.items():
             for i in range(0, len(ids), MAX_RECORD_REQUEST):
@@ -800,6 +854,19 @@ class Node:
                 recs.append(rec.blob)
         if recs:
             self._push(recs, [], addr, ack=False)
+
+    def tunnel_report(
+        self, nid: bytes, endpoint: str | None, last_handshake: float | None, now: float
+    ) -> bool:
+        """Input from the data plane: a member's tunnel as the device shows it (the
+        endpoint it is seen from, its last handshake, wall-clock). Feeds the path choice
+        and the observed endpoint; True if that endpoint changed."""
+        self._now = now
+        return self.paths.tunnel(nid, endpoint, last_handshake, now)
+
+    def observed_endpoint(self, nid: bytes) -> Observed | None:
+        """Where a member's tunnel was last seen from (a NAT-traversal candidate)."""
+        return self.paths.observed(nid)
 
     def member_state(self, nid: bytes) -> tuple[MemberState, int] | None:
         """(state, incarnation) of a member in this node's SWIM view, None if not in it."""

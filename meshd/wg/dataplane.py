@@ -28,7 +28,7 @@ from meshd.core.node import Node
 from meshd.core.records import PeerRecord
 from meshd.core.wgplan import Desired, desired_peers
 from meshd.wg.base import DEFAULT_MTU, InterfaceConfig, WireGuardBackend, WireGuardError
-from meshd.wg.reconcile import EndpointObserved, Reconciler
+from meshd.wg.reconcile import Reconciler
 
 log = structlog.get_logger("meshd.wg")
 
@@ -82,12 +82,11 @@ class DataPlane:
         self.mtu = mtu
         self.clock = clock
         self._lock = InterfaceLock(backend.interface) if lock else None
-        #: node id -> the endpoint its tunnel is actually seen from (a future NAT
-        #: candidate; the agent feeds these to the core once records carry them).
-        self.seen_from: dict[bytes, str] = {}
         self.conflicts: dict[bytes, str] = {}
+        #: Called after tunnel stats went into the core (the agent sends what follows).
+        self.after_report: Callable[[], None] | None = None
         self.reconciler = Reconciler(
-            backend, self.desired, interval=interval, clock=clock, on_endpoint=self._observed
+            backend, self.desired, interval=interval, clock=clock, on_sync=self.report
         )
         self.started = False
 
@@ -123,12 +122,19 @@ class DataPlane:
         self.conflicts = d.conflicts
         return d
 
-    def _observed(self, ev: EndpointObserved) -> None:
-        if ev.node_id is None:
-            return
-        if self.seen_from.get(ev.node_id) != ev.endpoint:
-            log.info("wireguard peer seen", id=ev.node_id.hex(), endpoint=ev.endpoint)
-        self.seen_from[ev.node_id] = ev.endpoint
+    def report(self) -> None:
+        """Feed every peer's read-back (endpoint seen from, last handshake) to the core:
+        the observed endpoint is kept there, and the handshake decides whether gossip to
+        that member may take its tunnel (meshd/core/paths.py)."""
+        now = self.clock()
+        for key, st in self.reconciler.peers.items():
+            nid = self.reconciler.owners.get(key)
+            if nid is None:
+                continue
+            if self.node.tunnel_report(nid, st.endpoint, st.last_handshake, now):
+                log.info("wireguard peer seen", id=nid.hex(), endpoint=st.endpoint)
+        if self.after_report is not None:
+            self.after_report()
 
     # ---------------------------------------------------------------------- lifecycle
 
@@ -183,17 +189,11 @@ class DataPlane:
             return {"connection": "self", "last_handshake": None}
         st = self.reconciler.peers.get(rec.wg_key)
         if st is None:
-            return {
-                "connection": None,
-                "last_handshake": None,
-                "wg_endpoint": None,
-                "seen_from": self.seen_from.get(rec.node_id),
-            }
+            return {"connection": None, "last_handshake": None, "wg_endpoint": None}
         return {
             "connection": self.reconciler.connection(rec.wg_key),
             "last_handshake": st.last_handshake,
             "wg_endpoint": st.endpoint,
-            "seen_from": self.seen_from.get(rec.node_id),
             "rx_bytes": st.rx_bytes,
             "tx_bytes": st.tx_bytes,
         }

@@ -67,6 +67,7 @@ class Reconciler:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         on_endpoint: Callable[[EndpointObserved], None] | None = None,
+        on_sync: Callable[[], None] | None = None,
     ) -> None:
         self.backend = backend
         self._desired = desired
@@ -78,6 +79,8 @@ class Reconciler:
         self.clock = clock
         self.rng = rng or random.Random()
         self.on_endpoint = on_endpoint
+        #: Called after every successful pass (fresh ``peers`` and ``owners``).
+        self.on_sync = on_sync
         #: Latest read-back, by public key.
         self.peers: dict[bytes, PeerStatus] = {}
         #: public key -> node id, from the latest desired view.
@@ -169,6 +172,11 @@ class Reconciler:
         self._read_back(actual)
         self.converged = True
         self.last_sync = self.clock()
+        if self.on_sync is not None:
+            try:
+                self.on_sync()
+            except Exception:  # a broken listener must not stop reconciliation
+                log.exception("sync listener failed")
         return ops
 
     def _read_back(self, actual: dict[bytes, PeerStatus]) -> None:

@@ -31,8 +31,9 @@ ALIVE, SUSPECT, DEAD, LEFT = (
 )
 
 
-def cluster(n: int) -> tuple[Net, list[Node]]:
-    net = Net()
+def cluster(n: int, net: Net | None = None) -> tuple[Net, list[Node]]:
+    """A leader and ``n - 1`` joined members on ``net`` (a fresh test network by default)."""
+    net = net if net is not None else Net()
     leader = net.init("leader", LEADER)
     nodes = [leader]
     for i in range(2, n + 1):

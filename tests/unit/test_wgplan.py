@@ -28,7 +28,8 @@ from meshd.core.wgplan import (
 )
 
 from .corenet import Net
-from .test_core_join import LEADER, addr, token
+from .test_core_join import addr
+from .test_node_gossip import cluster
 
 NOW = 1_790_000_000.0
 
@@ -219,13 +220,7 @@ def test_plan_of_desired_against_itself_is_empty(want_t: dict[bytes, PeerStatus]
 
 
 def _cluster(n: int) -> tuple[Net, list[Node]]:
-    net = Net()
-    leader = net.init("leader", LEADER)
-    nodes = [leader]
-    for i in range(2, n + 1):
-        node = net.join(f"n{i}", addr(i), token(net, leader), [LEADER])
-        assert isinstance(node, Node), node
-        nodes.append(node)
+    net, nodes = cluster(n)
     net.advance(3.0)
     return net, nodes
 
