@@ -49,6 +49,11 @@ def test_memory_backend_follows_membership(cluster: LocalCluster) -> None:
         else:  # in memory nobody handshakes
             assert m["connection"] == "unreachable" and m["last_handshake"] is None
             assert m["wg_endpoint"] == m["endpoints"][0].rsplit(":", 1)[0] + ":51820"
+            assert m["wg_port"] == 51820  # from the member's signed record
+            # no handshake, no tunnel: gossip stays on the bootstrap channel
+            assert m["gossip_path"] == "underlay" and m["observed_endpoint"] is None
+    gp = cluster.get("a", "/v1/status")["gossip_paths"]
+    assert gp["tx"]["overlay"] == 0 and gp["tx"]["underlay"] > 0 and gp["fallbacks"] == 0
     cluster.stop("c")
     until(lambda: wg(cluster, "a")["reconciler"]["peers"] == 1, within=30)
     names = {m["name"]: m["connection"] for m in cluster.get("a", "/v1/members")["members"]}
