@@ -46,7 +46,6 @@ from meshd.core.membership import (
     ACK,
     NACK,
     PING,
-    PING_REQ,
     PROFILES,
     MemberAddressChanged,
     MemberJoined,
@@ -343,9 +342,12 @@ class Node:
         self._out = []
         for msg, addr in self.swim.messages_to_send():
             data = self._seal({"t": "swim", "m": msg})
-            probe = msg.get("k") in (PING, PING_REQ)
+            kind = msg.get("k")
+            probe = kind == PING
             seq = msg.get("seq") if probe else None
-            out.append((data, self.paths.outbound(data, addr, now, probe=probe, seq=seq)))
+            reply = kind in (ACK, NACK)
+            dest = self.paths.outbound(data, addr, now, probe=probe, seq=seq, reply=reply)
+            out.append((data, dest))
         return out
 
     def next_event(self) -> Event | None:

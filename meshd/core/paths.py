@@ -10,15 +10,21 @@ Policy (docs/wireguard.md, "Gossip over the overlay"):
   by the agent from the device) or the last datagram that reached us from it over the
   overlay is younger than ``fresh`` (180 s, WireGuard's REJECT_AFTER_TIME), and the
   member is not in a hold-down. Then every datagram to it goes over the overlay.
-* **Checked by the protocol's own probes**: a SWIM ``ping`` or ``ping_req`` sent over
-  the overlay expects an ``ack`` (or ``nack``) with its sequence number within the probe
-  timeout. That answer, on whichever path it comes back (the member chooses its own),
-  proves the probe got through; so does any datagram from the member over the overlay.
-  If neither has come ``answer_timeout`` after the first unanswered probe (half the
-  probe timeout), the path **falls back**: the
-  unanswered probes (at most ``resend_limit``) are sent again over the bootstrap
+* **Checked by the protocol's own probes**: a SWIM ``ping`` sent over the overlay
+  expects an ``ack`` with its sequence number within the probe timeout (a ``ping_req``
+  does not count: its answer may rightly take 80 % of the probe timeout). That answer,
+  on whichever path it comes back, proves the probe got through; so does any datagram
+  from the member over the overlay. If neither has come ``answer_timeout`` after the
+  first unanswered probe (half the probe timeout; not stretched by Lifeguard's local
+  health, because a ``ping_req`` relay forwards answers for one unstretched probe timeout
+  only), the path **falls back**: the unanswered probes (at most ``resend_limit``) are
+  sent again over the bootstrap
   channel at once, so the failure detector still hears the member within its probe
   timeout and no one is suspected because a tunnel broke.
+* **Answers go back the way the question came**: an ``ack`` or ``nack`` to a member whose
+  latest datagram arrived over the bootstrap channel goes over the bootstrap channel
+  (that member has fallen back, or has no tunnel yet; our overlay path to it may be
+  just as broken, and a lost ack is a suspicion).
 * **Hold-down**: after a fallback the member stays on the bootstrap channel for
   ``holddown`` (10 probe intervals), doubling with each consecutive fallback up to
   ``holddown_max``; an answered overlay probe resets it. A WireGuard handshake newer
@@ -116,12 +122,15 @@ class _Peer:
     observed: Observed | None = None
     #: Time of the first overlay probe not answered yet, and the probes since.
     waiting_since: float | None = None
+    deadline: float = 0.0
     waiting: list[bytes] = field(default_factory=list)
     seqs: list[int] = field(default_factory=list)
     holddown_until: float = 0.0
     fell_back_at: float | None = None
     failures: int = 0
     path: Path = Path.UNDERLAY
+    #: Did the latest datagram from the member come through the tunnel?
+    rx_overlay: bool = False
 
 
 @dataclass
@@ -221,9 +230,13 @@ class GossipPaths:
         nid = self._by_overlay.get(_plain_host(addr[0]))
         if nid is None:
             self.stats.rx[Path.UNDERLAY.value] += 1
+            sender = self._by_gossip.get(addr)
+            if sender is not None:
+                self._peers[sender].rx_overlay = False
             return addr
         peer = self._peers[nid]
         self.stats.rx[Path.OVERLAY.value] += 1
+        peer.rx_overlay = True
         peer.alive_at = now
         if peer.waiting_since is not None:
             self._answered(peer)
@@ -248,12 +261,23 @@ class GossipPaths:
         peer.waiting_since = None
 
     def outbound(
-        self, data: bytes, addr: Addr, now: float, *, probe: bool, seq: int | None = None
+        self,
+        data: bytes,
+        addr: Addr,
+        now: float,
+        *,
+        probe: bool,
+        seq: int | None = None,
+        reply: bool = False,
     ) -> Addr:
         """Where to send ``data`` meant for ``addr`` (a bootstrap address). ``probe``: it
-        expects an answer (``seq``: the sequence number the answer will carry)."""
+        expects an answer (``seq``: the sequence number the answer will carry);
+        ``reply``: it answers the member's latest datagram (goes back the same way)."""
         nid = self._by_gossip.get(addr)
         peer = self._peers.get(nid) if nid is not None else None
+        if peer is not None and reply and not peer.rx_overlay:
+            self.stats.tx[Path.UNDERLAY.value] += 1
+            return addr
         if peer is None or not self._usable(peer, now):
             if peer is not None and peer.path is Path.OVERLAY:
                 peer.path = Path.UNDERLAY
@@ -267,6 +291,7 @@ class GossipPaths:
         if probe:
             if peer.waiting_since is None:
                 peer.waiting_since = now
+                peer.deadline = now + self.policy.answer_timeout
             if len(peer.waiting) < self.policy.resend_limit:
                 peer.waiting.append(data)
                 if seq is not None:
@@ -285,11 +310,7 @@ class GossipPaths:
     # ------------------------------------------------------------------------- timers
 
     def get_timer(self) -> float | None:
-        times = [
-            p.waiting_since + self.policy.answer_timeout
-            for p in self._peers.values()
-            if p.waiting_since is not None
-        ]
+        times = [p.deadline for p in self._peers.values() if p.waiting_since is not None]
         return min(times) if times else None
 
     def handle_timer(self, now: float) -> list[tuple[bytes, Addr]]:
@@ -297,7 +318,7 @@ class GossipPaths:
         bootstrap channel."""
         out: list[tuple[bytes, Addr]] = []
         for peer in self._peers.values():
-            if peer.waiting_since is None or now < peer.waiting_since + self.policy.answer_timeout:
+            if peer.waiting_since is None or now < peer.deadline:
                 continue
             out.extend((data, peer.gossip) for data in peer.waiting)
             self.stats.resent += len(peer.waiting)

@@ -39,6 +39,8 @@ pytestmark = [
 TAG = f"{os.getpid() % 100_000}"
 N = 5
 RUN_ARGS = ("--wg-backend", "userspace", "--profile", "local", "--dns", "off", "--http", HTTP)
+#: The host whose agent listens on 0.0.0.0 (the others on their underlay address).
+WILDCARD = 2
 #: Ping interval of the continuity checks (root may ping this fast).
 PING_EVERY = 0.05
 
@@ -125,8 +127,11 @@ def test_five_agents_mesh_over_wireguard(mesh: Hosts) -> None:
     mesh.start(1, "run", "--data-dir", str(mesh.datadir(1)), *RUN_ARGS)
     until(lambda: mesh.get(1, "/v1/status"), 20, "h1's agent")
     for i in range(2, N + 1):
+        # h2 listens on the wildcard (the default): its main socket also takes the
+        # overlay IPv4 gossip, which cannot get a socket of its own on the same port
+        wildcard = ("--listen", f"0.0.0.0:{GOSSIP_PORT}") if i == WILDCARD else ()
         mesh.start(
-            i, "up", *mesh.node_args(i), "--wg-port", str(wg_port(i)),
+            i, "up", *mesh.node_args(i), *wildcard, "--wg-port", str(wg_port(i)),
             "--seed", f"{mesh.underlay(1)}:7946", "--token", token.stdout.strip(), *RUN_ARGS,
         )  # fmt: skip
     status = {
@@ -190,7 +195,11 @@ def test_five_agents_mesh_over_wireguard(mesh: Hosts) -> None:
     share = tx_over / max(1, tx_over + tx_under)
     assert tx_over > 0 and delta("rx", "overlay") > 0
     assert share > 0.5, (tx_over, tx_under)  # ~1.0 unless the machine is very slow
-    assert all(a["overlay_listen"] for a in after.values())
+    for i, a in after.items():
+        v4 = f"{addrs[i]['ipv4']}:{GOSSIP_PORT}"
+        main = " (main socket)" if i == WILDCARD else ""
+        assert a["overlay_listen"] == [v4 + main, f"[{addrs[i]['ipv6']}]:{GOSSIP_PORT}"], a
+        assert a["rx"]["overlay"] > 0, (i, a)
 
     # Kill h3's tunnel path for gossip: nftables drops the gossip port on its WireGuard
     # interface (both ways) while WireGuard itself keeps handshaking, so every tunnel still

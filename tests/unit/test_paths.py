@@ -97,6 +97,18 @@ def test_an_ack_on_the_bootstrap_channel_also_answers_the_probe() -> None:
     assert p.outbound(b"x", ("192.0.2.2", 7946), NOW + 2, probe=False) == ("192.0.2.2", 7946)
 
 
+def test_answers_go_back_the_way_the_question_came() -> None:
+    """A member that fell back pings us over the bootstrap channel: our ack goes back
+    there too, even though our own overlay path to it looks fine (it may not be)."""
+    p = paths()
+    p.tunnel(A, "192.0.2.1:51820", NOW, NOW)
+    p.inbound(GOSSIP_A, NOW)  # its ping came over the bootstrap channel
+    assert p.outbound(b"ack", GOSSIP_A, NOW, probe=False, reply=True) == GOSSIP_A
+    assert p.outbound(b"gossip", GOSSIP_A, NOW, probe=False) == OVER_A  # not an answer
+    p.inbound(OVER_A, NOW + 1)  # now it talks through the tunnel
+    assert p.outbound(b"ack", GOSSIP_A, NOW + 1, probe=False, reply=True) == OVER_A
+
+
 def test_inbound_from_every_overlay_form_is_credited() -> None:
     p = paths()
     for host in ("10.200.0.1", "fd00:200::1", "::ffff:10.200.0.1"):
