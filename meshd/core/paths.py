@@ -116,7 +116,6 @@ class _Peer:
     gossip: Addr
     overlay: Addr
     also: tuple[str, ...] = ()
-    handshake: float | None = None
     #: Last evidence that the tunnel carries traffic (handshake or overlay datagram).
     alive_at: float | None = None
     observed: Observed | None = None
@@ -175,7 +174,7 @@ class GossipPaths:
         peer = self._peers.get(nid)
         if peer is None:
             return
-        peer.alive_at = peer.handshake = None
+        peer.alive_at = None
         self._answered(peer)
         if peer.path is Path.OVERLAY:
             peer.path = Path.UNDERLAY
@@ -201,7 +200,6 @@ class GossipPaths:
         peer = self._peers.get(nid)
         if peer is None:
             return False
-        peer.handshake = last_handshake
         if last_handshake is not None:
             if peer.alive_at is None or last_handshake > peer.alive_at:
                 peer.alive_at = last_handshake
