@@ -727,7 +727,7 @@ def _ago(when: Any) -> str:
 
 
 def _peers_table(members: Sequence[dict[str, Any]]) -> str:
-    header = ("NAME", "IPV4", "IPV6", "STATE", "CONNECTION", "ENDPOINT", "HANDSHAKE")
+    header = ("NAME", "IPV4", "IPV6", "STATE", "CONNECTION", "ENDPOINT", "HANDSHAKE", "GOSSIP")
     rows = [header]
     for m in members:
         name = m["name"] + (" *" if m.get("is_self") else "")
@@ -740,6 +740,7 @@ def _peers_table(members: Sequence[dict[str, Any]]) -> str:
                 m.get("connection") or "-",
                 m.get("wg_endpoint") or (m["endpoints"] or ["-"])[0],
                 _ago(m.get("last_handshake")),
+                m.get("gossip_path") or "-",
             )
         )
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]

@@ -322,3 +322,21 @@ def test_observed_endpoint_is_kept_by_the_core() -> None:
     assert nodes[0].observed_endpoint(other) is None
     assert nodes[0].tunnel_report(other, "198.51.100.9:40000", net.now - 3, net.now)
     assert nodes[0].observed_endpoint(other) == Observed("198.51.100.9:40000", net.now - 3, net.now)
+
+
+def test_meshd_peers_shows_the_gossip_path() -> None:
+    from meshd.cli import _peers_table
+
+    row = {
+        "name": "h2",
+        "addresses": {"ipv4": "10.200.0.2", "ipv6": "fd00:200::2"},
+        "state": "alive",
+        "connection": "direct",
+        "wg_endpoint": "192.0.2.2:51822",
+        "endpoints": ["192.0.2.2:7946"],
+        "last_handshake": None,
+        "gossip_path": "overlay",
+    }
+    header, line = _peers_table([row]).splitlines()
+    assert header.split()[-1] == "GOSSIP" and line.split()[-1] == "overlay"
+    assert _peers_table([{**row, "gossip_path": None}]).splitlines()[1].split()[-1] == "-"
