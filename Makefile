@@ -51,6 +51,7 @@ lint: setup
 	$(BIN)/ruff check meshd tests benchmarks simulations
 	$(BIN)/ruff format --check meshd tests benchmarks simulations
 	$(BIN)/mypy --strict meshd/core
+	$(BIN)/mypy meshd
 
 test: deps setup lint
 	$(BIN)/pytest -q

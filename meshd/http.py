@@ -176,8 +176,8 @@ class _AgentCollector(Collector):
             "Membership messages or items dropped, by reason",
             labels=["reason"],
         )
-        for reason, count in sorted(a.node.swim.drops.items()):
-            swim_drops.add_metric([reason], count)
+        for swim_reason, count in sorted(a.node.swim.drops.items()):
+            swim_drops.add_metric([swim_reason], count)
         yield swim_drops
         yield GaugeMetricFamily(
             "meshd_local_health", "Lifeguard local health (0 is healthy)", a.node.swim.local_health
