@@ -9,8 +9,10 @@ STAMP := $(VENV)/.installed
 # (tests/integration/test_gossip.py drops UDP in a network namespace with `nft`).
 # dnsutils for `dig` in the DNS integration test (tests/integration/test_dns.py).
 # wireguard-go, wireguard-tools, iproute2 and iputils-ping for the WireGuard backend tests
-# (tests/integration/test_wg_uapi.py: real wireguard-go interfaces in network namespaces).
-DEB_PACKAGES := python3-venv nftables dnsutils wireguard-go wireguard-tools iproute2 iputils-ping
+# (tests/integration/test_wg_uapi.py: real wireguard-go interfaces in network namespaces)
+# and for `make demo` (namespaces, wireguard-go when there is no kernel module, ping, dig);
+# curl because the demo tells the user to reach the debug endpoints with it.
+DEB_PACKAGES := python3-venv nftables dnsutils wireguard-go wireguard-tools iproute2 iputils-ping curl
 # Debian packages only `make bench` needs (installed only when missing, like the above):
 # serf, for the side-by-side benchmark `python -m benchmarks.run --only vs_serf`;
 # dnsperf and dnsmasq-base for `python -m benchmarks.dns` (meshd's DNS next to dnsmasq).

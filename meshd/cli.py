@@ -17,6 +17,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import sys
 import time
 import tomllib
@@ -61,7 +62,7 @@ DEFAULTS: dict[str, Any] = {
     "dns_upstream": None,
     "ttl": "24h",
     "uses": 1,
-    "nodes": 3,
+    "nodes": 5,
     "duration": None,
     "log_format": "console",
     "log_level": "info",
@@ -297,8 +298,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http", help="agent endpoint (default: from the running agent)")
 
     p = sub.add_parser("demo", help="start a local mesh on this machine and show it working")
-    p.add_argument("--nodes", help="how many nodes (default 3)")
+    p.add_argument("--nodes", help="how many nodes, 2 to 50 (default 5)")
     p.add_argument("--duration", help="stop after this long (default: until Ctrl-C)")
+    p.add_argument(
+        "--loopback",
+        action="store_true",
+        help="agents on 127.0.0.1 with the memory WireGuard backend, even as root "
+        "(the default without root); as root the default is network namespaces "
+        "with real WireGuard tunnels",
+    )
     p.add_argument("--config", help=argparse.SUPPRESS)
     return parser
 
@@ -776,7 +784,10 @@ def cmd_demo(opts: Options) -> None:
 
     nodes = opts.int("nodes", 2, 50)
     duration = opts.get("duration")
-    run_demo(nodes, parse_duration(duration) if duration else None)
+    try:
+        run_demo(nodes, parse_duration(duration) if duration else None, loopback=opts.args.loopback)
+    except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError) as exc:
+        raise CliError(f"demo failed: {exc}") from None
 
 
 COMMANDS = {

@@ -141,13 +141,16 @@ class Hosts:
         """Run a ``meshd`` subcommand to completion in host ``i``."""
         return run(*self.exec_args(i, sys.executable, "-m", "meshd", *args), timeout=timeout)
 
-    def start(self, i: int, *args: str) -> subprocess.Popen[bytes]:
-        """Start a long-running ``meshd`` subcommand in host ``i``; output to its log."""
+    def start(self, i: int, *args: str, new_session: bool = False) -> subprocess.Popen[bytes]:
+        """Start a long-running ``meshd`` subcommand in host ``i``; output to its log.
+        ``new_session``: out of the terminal's process group, so a Ctrl-C reaches only
+        the caller, which then stops the agents in order."""
         self.logs[i] = open(self.root / f"h{i}.log", "ab")  # noqa: SIM115
         proc = subprocess.Popen(
             self.exec_args(i, sys.executable, "-m", "meshd", *args),
             stdout=self.logs[i],
             stderr=subprocess.STDOUT,
+            start_new_session=new_session,
         )
         self.procs[i] = proc
         return proc
@@ -168,6 +171,27 @@ class Hosts:
         )
         res = run(
             *self.exec_args(i, sys.executable, "-c", code, f"http://{http}{path}"), check=False
+        )
+        return json.loads(res.stdout) if res.returncode == 0 else None
+
+    def post(self, i: int, path: str, body: dict[str, Any], http: str = HTTP) -> Any:
+        """POST ``body`` (JSON) to host ``i``'s debug endpoint with the agent's bearer
+        token (read from its data directory); parsed JSON or None."""
+        from meshd.state import DataDir
+
+        token = DataDir(self.datadir(i)).read_key("http").hex()
+        code = (  # the token goes through stdin, not the command line
+            "import sys, urllib.request; "
+            "req = urllib.request.Request(sys.argv[1], data=sys.argv[2].encode(), "
+            "method='POST', headers={'Authorization': 'Bearer ' + sys.stdin.read().strip(), "
+            "'Content-Type': 'application/json'}); "
+            "sys.stdout.write(urllib.request.urlopen(req, timeout=10).read().decode())"
+        )
+        argv = self.exec_args(
+            i, sys.executable, "-c", code, f"http://{http}{path}", json.dumps(body)
+        )
+        res = subprocess.run(
+            argv, input=token, capture_output=True, text=True, timeout=30, check=False
         )
         return json.loads(res.stdout) if res.returncode == 0 else None
 

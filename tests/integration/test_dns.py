@@ -118,19 +118,6 @@ def post(cluster: LocalCluster, name: str, path: str, body: dict[str, Any]) -> A
         return json.loads(resp.read())
 
 
-def dns_port(cluster: LocalCluster) -> int:
-    """A port free for UDP (never handed out before by the cluster) and for TCP too."""
-    for _ in range(50):
-        port = cluster.port()
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no port free for both UDP and TCP")
-
-
 def start_cluster(cluster: LocalCluster, upstream: FakeUpstream) -> dict[str, int]:
     ports = {}
     for i, name in enumerate(NAMES):
@@ -140,7 +127,7 @@ def start_cluster(cluster: LocalCluster, upstream: FakeUpstream) -> dict[str, in
         else:
             res = cluster.join(name, NAMES[i - 1], cluster.token(NAMES[0]), *extra)
         assert res.returncode == 0, res.stderr
-        ports[name] = dns_port(cluster)
+        ports[name] = cluster.port_udp_tcp()
         fwd = f"127.0.0.1:{upstream.port}" if name == "beta" else "off"
         cluster.start(
             name, *RUN, "--dns", f"127.0.0.1:{ports[name]}", "--dns-upstream", fwd
