@@ -20,11 +20,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -202,3 +203,20 @@ class Hosts:
 
     def log(self, i: int) -> str:
         return (self.root / f"h{i}.log").read_text(errors="replace")[-3000:]
+
+
+@contextlib.contextmanager
+def built(
+    root: Path, n: int, prefix: str, ifprefix: str | None = None, tools: tuple[str, ...] = ()
+) -> Iterator[Hosts]:
+    """:class:`Hosts` built, torn down on the way out whatever happens; first checks that
+    ``tools`` (with ``ip``) are on PATH, naming the missing ones."""
+    missing = [t for t in ("ip", *tools) if shutil.which(t) is None]
+    if missing:
+        raise RuntimeError(f"missing {', '.join(missing)} on PATH (see `make deps`)")
+    hosts = Hosts(root, n, prefix, ifprefix)
+    try:
+        hosts.build()
+        yield hosts
+    finally:
+        hosts.teardown()
