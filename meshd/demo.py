@@ -381,6 +381,7 @@ def _netns_demo(nodes: int, duration: float | None) -> None:
                         if proc.poll() is not None:
                             raise RuntimeError(
                                 f"the agent of h{i} exited ({proc.returncode}):\n{hosts.log(i)}"
+                                "(`meshd demo --loopback` runs without WireGuard)"
                             )
                         return hosts.get(i, "/v1/status")
 
