@@ -15,8 +15,9 @@ STAMP := $(VENV)/.installed
 DEB_PACKAGES := python3-venv nftables dnsutils wireguard-go wireguard-tools iproute2 iputils-ping curl
 # Debian packages only `make bench` needs (installed only when missing, like the above):
 # serf, for the side-by-side benchmark `python -m benchmarks.run --only vs_serf`;
-# dnsperf and dnsmasq-base for `python -m benchmarks.dns` (meshd's DNS next to dnsmasq).
-BENCH_DEB_PACKAGES := serf dnsperf dnsmasq-base
+# dnsperf and dnsmasq-base for `python -m benchmarks.dns` (meshd's DNS next to dnsmasq);
+# iperf3 for `python -m benchmarks.run --only wg_iperf` (meshd's overlay next to a hand-made one).
+BENCH_DEB_PACKAGES := serf dnsperf dnsmasq-base iperf3
 
 # Install the Debian packages named in $(1) that are missing (as root), or name them and fail.
 define install_missing
@@ -30,7 +31,7 @@ if [ -n "$$missing" ]; then \
 fi
 endef
 
-.PHONY: setup deps bench-deps demo test test-fast lint bench sim clean
+.PHONY: setup deps bench-deps demo test test-fast lint bench bench-wg sim clean
 
 setup: $(STAMP)
 
@@ -63,6 +64,10 @@ test-fast: setup
 
 bench: bench-deps setup
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+
+# The WireGuard benchmarks (root: network namespaces, wireguard-go, iperf3), about 15 min.
+bench-wg: deps bench-deps setup
+	$(BIN)/python -m benchmarks.run --only wg $(BENCH_ARGS)
 
 # The standard simulation scenarios (simulations/README.md). The two 10,000-node ones
 # need about 19 GB of memory: where it is not available they are skipped, the others
