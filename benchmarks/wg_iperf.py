@@ -131,8 +131,9 @@ class HandMade:
 def iperf(hosts: Hosts, target: str, seconds: int, attempts: int = 10) -> dict[str, Any]:
     """One TCP iperf3 run from host 1 to ``target``; received Mbit/s and retransmits.
 
-    The server takes a moment to finish one test before it accepts the next ("the
-    server is busy"): up to ``attempts`` tries, half a second apart.
+    The server takes a moment to start, and to finish one test before it accepts the
+    next ("the server is busy", "connection reset"): up to ``attempts`` tries, half a
+    second apart, before an error is final.
     """
     for _ in range(attempts):
         res = netns.run(
@@ -149,7 +150,7 @@ def iperf(hosts: Hosts, target: str, seconds: int, attempts: int = 10) -> dict[s
             raise RuntimeError(
                 f"iperf3 to {target}: {res.stderr.strip() or res.stdout[-300:]}"
             ) from None
-        if "busy" not in out.get("error", ""):
+        if "error" not in out:
             break
         time.sleep(0.5)
     if "error" in out:
