@@ -345,6 +345,11 @@ def one_run(hosts: Hosts, settings: Settings) -> dict[str, Any]:
             round(poller.ready_cpu_s[i], 2) for i in sorted(poller.ready_cpu_s)
         ],
         "pairs": len(first),
+        # the five (source, target, family) to answer last, and when: a straggler shows here
+        "last_pairs": [
+            [i, j, fam, round(t, 3)]
+            for (i, j, fam), t in sorted(first.items(), key=lambda kv: kv[1])[-5:]
+        ],
         "confirmed_by_ping": confirmed,
         "backends": sorted(backends),
     }
