@@ -960,6 +960,12 @@ class Membership:
             if node_id == self.self_id:
                 if inc >= self._inc:
                     self._refute(inc)
+                elif not self._left:
+                    # An accusation we already refuted: whoever sent it has not heard the
+                    # refutation, which may have been gossiped out by now. Announce the
+                    # current incarnation again (no new one), so the ack to a Buddy
+                    # System ping and our next gossip carry it back.
+                    self._queue_self_alive()
             elif kind == "suspect":
                 self._on_suspect(node_id, inc, by, now)
             else:
@@ -1011,8 +1017,7 @@ class Membership:
         if inc < m.inc:
             return
         item = {"k": "suspect", "id": node_id, "inc": inc, "by": by}
-        if m.state is MemberState.SUSPECT and m.susp is not None:
-            m.inc = inc  # a higher one means we missed a refutation and a new accusation
+        if m.state is MemberState.SUSPECT and m.susp is not None and inc == m.inc:
             if m.susp.confirm(by):
                 self._queue_member(node_id, item)  # confirmations must spread too
                 if m.susp.deadline <= now:
@@ -1022,8 +1027,11 @@ class Membership:
                 else:
                     self._push_timer(m.susp.deadline, _T_SUSPECT, node_id, m.susp)
             return
-        if m.state is not MemberState.ALIVE:
+        if m.state is not MemberState.ALIVE and m.state is not MemberState.SUSPECT:
             return
+        # Suspect at a higher incarnation than our suspicion: we missed its refutation
+        # and this is a new accusation, with a timer of its own from now (confirming the
+        # old timer would have made it DEAD at once had that run its minimum already).
         m.inc = inc
         self._set_state(m, MemberState.SUSPECT, now)
         n = self.cluster_size

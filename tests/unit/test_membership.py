@@ -575,6 +575,40 @@ def test_refute_any_accusation_at_or_above_our_incarnation(kind: str) -> None:
     assert Refuted(7, 6) in solo.events
 
 
+def test_an_accusation_already_refuted_is_answered_with_the_current_incarnation() -> None:
+    """The accuser of a stale suspicion missed our refutation, which may have been gossiped
+    out by now: the ack to its (Buddy System) ping carries our current alive, without a
+    new incarnation."""
+    solo = Solo(members=2, inc=4)
+    solo.run(solo.now + 5.0)  # the start-up alive is gossiped out
+    stale = {"k": "suspect", "id": nid(0), "inc": 3, "by": nid(1)}
+    (ack, _), *_ = solo.recv({"k": "ping", "seq": 9, "to": nid(0), "from": nid(1), "g": [stale]})
+    assert ack["k"] == "ack"
+    assert {"k": "alive", "id": nid(0), "inc": 4, "a": "10.0.0.0:7946"} in items(ack)
+    assert solo.m.incarnation == 4 and not any(isinstance(e, Refuted) for e in solo.events)
+
+
+def test_a_suspicion_at_a_higher_incarnation_restarts_the_timer() -> None:
+    """Suspect at inc 0 for a while; the refutation (alive at 1) is missed and a new
+    accusation at 1 arrives: that is a new suspicion with its own full timeout, not a
+    confirmation of the old one (which had run past its minimum and would be DEAD at once)."""
+    solo = Solo(members=10)
+    low, high = suspicion_bounds(LOCAL, 11)
+    suspect_at(solo, 5, by=1)
+    solo.run(solo.now + low + 0.1)
+    assert solo.state(5) == (SUSPECT, 0)
+    t1 = solo.now
+    solo.recv({"k": "gossip", "g": [{"k": "suspect", "id": nid(5), "inc": 1, "by": nid(2)}]})
+    assert solo.state(5) == (SUSPECT, 1)
+    solo.run(solo.now + 0.05)
+    assert solo.state(5) == (SUSPECT, 1)
+    step = 0.01
+    while solo.state(5)[0] is not DEAD:
+        assert solo.now < t1 + 2 * high
+        solo.run(solo.now + step)
+    assert solo.now - t1 == pytest.approx(high, abs=0.02)
+
+
 def test_alive_claiming_a_newer_life_of_ours_is_outbid() -> None:
     solo = Solo(members=1, inc=2)
     solo.recv({"k": "gossip", "g": [{"k": "alive", "id": nid(0), "inc": 2, "a": "10.0.0.0:7946"}]})
