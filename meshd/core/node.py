@@ -66,8 +66,13 @@ CONTROL_DOMAIN: Final = b"meshd control v1"
 COOKIE_PERIOD: Final = 30.0
 REPLY_CACHE_TTL: Final = 120.0
 REPLY_CACHE_SIZE: Final = 1_024
+#: Control requests are retried after 0.5 s, doubling up to 2 s, 10 attempts in all
+#: (about 17 s): every op is idempotent, so a retry costs a datagram, and under 20%
+#: loss a round trip fails 36% of the time (six attempts to a 16 s backoff made a
+#: seed's joiners time out before its block lease came).
 CONTROL_RTO: Final = 0.5
-CONTROL_ATTEMPTS: Final = 6
+CONTROL_MAX_RTO: Final = 2.0
+CONTROL_ATTEMPTS: Final = 10
 PUSH_BUDGET: Final = 1_200
 MAX_GRANT_BYTES: Final = join.CHUNK_DATA * 200
 PARKED_MAX: Final = 256
@@ -82,8 +87,13 @@ SWIM_WRAP: Final = 10
 SWIM_BUDGET: Final = GOSSIP_MTU - wire.SEALED_OVERHEAD - SWIM_WRAP
 #: Records asked for in one ``rq`` datagram (a push-pull answer names at most 128).
 MAX_RECORD_REQUEST: Final = 128
-#: A record announced again is asked for again only after this long.
+#: A record asked for and not received is asked for again after this long (and one
+#: announced again is not asked for sooner).
 RECORD_WANT_RETRY: Final = 1.0
+#: How often one record is asked for before waiting for the next announcement or
+#: push-pull: a request or its answer is lost at random now and then, and a member whose
+#: view lacks records suspects with a short timeout and is gossiped to by few.
+RECORD_WANT_TRIES: Final = 5
 #: Records being asked for that are remembered (oldest forgotten first).
 MAX_WANTED: Final = 4_096
 
@@ -252,8 +262,9 @@ class Node:
         self.paths = GossipPaths(PathPolicy.for_probes(timing.probe_interval, timing.probe_timeout))
         #: Time of the latest input: outputs are stamped with it (no clock is read here).
         self._now = now
-        #: Records asked for: node id -> (seq announced, when asked).
-        self._wanted: OrderedDict[bytes, tuple[int, float]] = OrderedDict()
+        #: Records asked for, oldest request first: node id -> (seq announced, when
+        #: asked, whom, requests so far).
+        self._wanted: OrderedDict[bytes, tuple[int, float, Addr, int]] = OrderedDict()
         self._want_batch: dict[Addr, list[bytes]] = {}
         #: Persisted SWIM states applied as the restored records are vouched for.
         self._restored = view or {}
@@ -361,6 +372,8 @@ class Node:
             if t is not None:
                 times.append(t)
         times.extend(exp for exp, _ in self._token_ok.values())
+        if self._wanted:
+            times.append(next(iter(self._wanted.values()))[1] + RECORD_WANT_RETRY)
         if self._replies:
             times.append(next(iter(self._replies.values()))[0] + REPLY_CACHE_TTL)
         return min(times) if times else None
@@ -391,6 +404,7 @@ class Node:
         # (the member is held down there, so datagrams_to_send routes them so).
         self._out.extend(self.paths.handle_timer(now))
         self.swim.handle_timer(now)
+        self._retry_wanted(now)
         self._swim_events(now)
         for rid, p in list(self._pending.items()):
             if p.next_try > now:
@@ -400,7 +414,7 @@ class Node:
                 self._control_failed(p, f"no answer from {p.addr[0]}:{p.addr[1]}")
                 continue
             p.attempts += 1
-            p.next_try = now + CONTROL_RTO * 2 ** (p.attempts - 1)
+            p.next_try = now + min(CONTROL_RTO * 2 ** (p.attempts - 1), CONTROL_MAX_RTO)
             self._out.append((p.packet, p.addr))
         while self._replies:
             key, (t, _) = next(iter(self._replies.items()))
@@ -621,7 +635,7 @@ class Node:
                 return
             self._install_lease(lease, now)
         elif not any(p.op is Op.LEASE for p in self._pending.values()):
-            self._request(self.leader, Op.LEASE, {}, now)
+            self._request(self.leader, Op.LEASE, {"have": sorted(self._my_leases)}, now)
 
     def _lease_refused(self, reason: str, now: float) -> None:
         """No block to be had: joiners get a clear NO_ADDRESSES for a while, not a timeout."""
@@ -744,7 +758,9 @@ class Node:
             # The block lease inside the admission replicates with the record.
             self._count(self._offer_lease, rec.admission.lease.blob)
             self._vouch(rec, now)
-            self._wanted.pop(rec.node_id, None)
+            want = self._wanted.get(rec.node_id)
+            if want is not None and want[0] <= rec.seq:
+                del self._wanted[rec.node_id]
             if not self._restoring:
                 self._broadcast_record(rec)
 
@@ -774,16 +790,32 @@ class Node:
         whole, 100 joins meant 1,200 full-size sends per node, a minute of gossip."""
         self.swim.broadcast({"k": "v", "id": rec.node_id, "s": rec.seq}, b"r" + rec.node_id)
 
-    def _want(self, nid: bytes, seq: int, addr: Addr, now: float) -> None:
-        """Ask ``addr`` for a record, at most once per ``RECORD_WANT_RETRY`` per version."""
+    def _want(self, nid: bytes, seq: int, addr: Addr, now: float, tries: int = 1) -> None:
+        """Ask ``addr`` for a record, at most once per ``RECORD_WANT_RETRY`` per version;
+        :meth:`_retry_wanted` asks again if it does not arrive."""
         prev = self._wanted.get(nid)
         if prev is not None and prev[0] >= seq and now - prev[1] < RECORD_WANT_RETRY:
             return
-        self._wanted[nid] = (seq, now)
+        if prev is not None and prev[0] >= seq:
+            tries = max(tries, prev[3] + 1)
+        self._wanted[nid] = (max(seq, prev[0]) if prev else seq, now, addr, tries)
         self._wanted.move_to_end(nid)
         if len(self._wanted) > MAX_WANTED:
             self._wanted.popitem(last=False)
         self._want_batch.setdefault(addr, []).append(nid)
+
+    def _retry_wanted(self, now: float) -> None:
+        """Ask again for records requested ``RECORD_WANT_RETRY`` ago that did not come,
+        up to ``RECORD_WANT_TRIES`` times (oldest first: O(1) when nothing is due)."""
+        wanted = self._wanted
+        while wanted:
+            nid, (seq, asked, addr, tries) = next(iter(wanted.items()))
+            if asked + RECORD_WANT_RETRY > now:
+                break
+            del wanted[nid]
+            have = self.store.get(nid)
+            if tries < RECORD_WANT_TRIES and (have is None or have.seq < seq):
+                self._want(nid, seq, addr, now, tries + 1)
 
     def _offer_lease(self, blob: SignedBlob) -> None:
         merge, lease = self.store.offer_lease(blob)
@@ -804,7 +836,9 @@ class Node:
             if isinstance(ev, Piggyback):
                 self._count(self._on_item, ev.item, ev.addr, now)
             elif isinstance(ev, SyncNeeded):
-                self._want_batch.setdefault(ev.addr, []).extend(ev.node_ids)
+                for nid in ev.node_ids:  # newer than ours: one seq beyond what we hold
+                    have = self.store.get(nid)
+                    self._want(nid, 1 if have is None else have.seq + 1, ev.addr, now)
             elif isinstance(ev, Refuted):
                 self.dirty = True  # the new incarnation is on disk before it is sent
                 self._events.append(ev)
@@ -919,7 +953,7 @@ class Node:
         if op is Op.TOKEN_USE:
             result = self._serve_token_use(m, now)
         elif op is Op.LEASE:
-            result = self._serve_lease(sk, now)
+            result = self._serve_lease(sk, m, now)
         else:
             result = self._serve_release(sender, m, now)
         self._out.append((self._control_packet(Op.RESPONSE, rid, result), addr))
@@ -932,9 +966,20 @@ class Node:
         self.dirty = True
         return {"ok": refusal is None, "err": refusal}
 
-    def _serve_lease(self, requester_key: bytes, now: float) -> dict[str, Any]:
+    def _serve_lease(self, requester_key: bytes, m: dict[str, Any], now: float) -> dict[str, Any]:
+        """Grant a block, idempotently: the request lists the blocks the member holds
+        (``have``), and a block leased to it that it does not list is one whose answer
+        was lost (a retry, or a new request after the old one gave up): it gets that
+        block again instead of another one."""
         if self.lease_table is None or self.ca is None:
             return {"ok": False, "err": "this node is not the leader"}
+        if m.get("have") is not None:
+            have = {b for b in wire.as_list(m["have"], "held blocks", 4096) if isinstance(b, int)}
+            holder = node_id(requester_key)
+            for held in self.lease_table.held_by(holder.hex()):
+                lease = self.store.lease(held.block)
+                if held.block not in have and lease is not None and lease.holder == holder:
+                    return {"ok": True, "lease": lease.blob.to_wire()}
         try:
             lease = self._grant_block(requester_key, now)
         except IpamError as exc:

@@ -466,3 +466,44 @@ def test_low_order_ephemeral_key_spends_nothing(net: Net, leader: Node) -> None:
     assert leader.ledger.uses(claims.token_id) == 0
     assert joiner.node_id.hex() not in leader.allocator.assignments()
     assert isinstance(net.join("n2", addr(2), tok, [LEADER]), Node)  # the token still works
+
+
+def _blocks_leased_to(leader: Node, member: Node) -> list[int]:
+    assert leader.lease_table is not None
+    return [x.block for x in leader.lease_table.held_by(member.sign.node_id.hex())]
+
+
+@pytest.mark.parametrize("outage", [3.0, 25.0])
+def test_a_lost_lease_answer_costs_no_second_block(net: Net, leader: Node, outage: float) -> None:
+    """The leader's answers to a seed are lost for ``outage`` seconds while the seed asks
+    for a block: its retries (3 s), and after it gave up its new request (25 s, beyond
+    the whole retry schedule), get the block granted first, not one more each."""
+    tok = token(net, leader, uses=0)
+    n2 = net.join("n2", addr(2), tok, [LEADER])
+    assert isinstance(n2, Node) and not n2._my_leases
+    until = net.now + outage
+    net.drop_fn = lambda data, src, dst: src == LEADER and dst == addr(2) and net.now < until
+    # A token n2 issued itself: the lease is its only round trip to the leader.
+    n3 = net.join("n3", addr(3), token(net, n2), [addr(2)], max_time=60)
+    assert isinstance(n3, Node), n3
+    assert net.now >= until  # the outage really covered the lease
+    assert _blocks_leased_to(leader, n2) == sorted(n2._my_leases) == [1]
+    assert leader.plan.block_of_offset(n3.admission.offset) == 1
+
+
+def test_joins_through_seeds_under_loss_leak_no_block(net: Net, leader: Node) -> None:
+    """30% random loss (seeded), joins through non-leader seeds: all succeed, and every
+    block the leader leased is one its holder knows it holds."""
+    import random
+
+    rng = random.Random(7)
+    tok = token(net, leader, uses=0)
+    seeds = [LEADER]
+    net.drop_fn = lambda data, src, dst: rng.random() < 0.3
+    for i in range(2, 10):
+        node = net.join(f"n{i}", addr(i), tok, [seeds[-1]], max_time=60)
+        assert isinstance(node, Node), (i, node)
+        seeds.append(addr(i))
+    for member in net.nodes.values():
+        if member is not leader:
+            assert _blocks_leased_to(leader, member) == sorted(member._my_leases)

@@ -7,6 +7,7 @@ fake clock and the LAN profile the agent uses by default.
 from __future__ import annotations
 
 import argparse
+import itertools
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from meshd import persist
 from meshd.cli import CliError, Options, resolve_timing
 from meshd.core import wire
 from meshd.core.membership import PROFILES, MemberState, suspicion_bounds
-from meshd.core.node import GOSSIP_MTU, Node
+from meshd.core.node import GOSSIP_MTU, RECORD_WANT_RETRY, RECORD_WANT_TRIES, Node
 from meshd.core.records import sign_record
 from meshd.core.wire import DropReason
 from meshd.state import DataDir
@@ -129,6 +130,48 @@ def test_an_announcement_pulls_the_record_from_its_sender_once() -> None:
     rqs = [(wire.unpack(body), dst) for body, dst in rqs]
     rqs = [(m, dst) for m, dst in rqs if m["t"] == "rq"]
     assert rqs == [({"t": "rq", "ids": [b.sign.node_id]}, addr(2))]
+
+
+def record_requests(node: Node, out: list[tuple[bytes, tuple[str, int]]]) -> list[object]:
+    """The record ids ``node`` asks for in these datagrams of its."""
+    bodies = [wire.unpack(node.keyring.open(d)) for d, _ in out]
+    return [m["ids"] for m in bodies if isinstance(m, dict) and m.get("t") == "rq"]
+
+
+def test_a_record_request_whose_answer_is_lost_is_retried() -> None:
+    """One announcement, then the request or the record is lost: ``a`` asks again every
+    RECORD_WANT_RETRY, RECORD_WANT_TRIES times, instead of waiting for another
+    announcement (gossiped out by then) or for push-pull; it stops once the record came."""
+    net, nodes = cluster(3)
+    a, b, c = nodes
+    net.advance(2.0)
+    b.set_hostname("db.example", net.now)
+    announce = swim_packet(c, {"k": "gossip", "g": [{"k": "v", "id": b.sign.node_id, "s": b.seq}]})
+    a.receive(announce, addr(3), net.now)
+    asked = [net.now] if record_requests(a, a.datagrams_to_send()) else []
+    t = net.now
+    for _ in range(200):  # ten seconds of a's timers, nothing delivered
+        t += 0.05
+        a.handle_timer(t)
+        if record_requests(a, a.datagrams_to_send()) == [[b.sign.node_id]]:
+            asked.append(t)
+    assert len(asked) == RECORD_WANT_TRIES
+    assert all(y - x >= RECORD_WANT_RETRY for x, y in itertools.pairwise(asked))
+    # The answer that finally comes ends the requests.
+    a.receive(announce, addr(3), t)
+    a.datagrams_to_send()
+    a.receive(
+        b.keyring.seal(
+            wire.pack({"t": "push", "recs": [b.record.blob.to_wire()], "leases": [], "ack": False}),
+            b._rand,
+        ),
+        addr(2),
+        t,
+    )
+    assert a.store.get(b.sign.node_id).seq == b.seq  # type: ignore[union-attr]
+    for k in range(1, 60):
+        a.handle_timer(t + 0.05 * k)
+        assert record_requests(a, a.datagrams_to_send()) == []
 
 
 def test_record_changes_spread_as_announcements() -> None:
