@@ -19,15 +19,15 @@ member fail (the ping or its ack is lost and so is every one of three indirect p
 so suspicions are routine and must end in refutations. A false DEAD is possible too: a
 member declared dead by an agent that missed its refutation within the suspicion
 timeout. ``benchmarks/false_dead.py`` (this scenario sans I/O: 20 node cores, mass join,
-90 s at 20% loss, fake clock) found one in 4 runs with a false DEAD before the fixes of
-2026-12-03 (28 of 112) and none in 130 after, but the mechanism left (a new member with
-a 2-member view: 4 s timeout, no relays) is not impossible, so this asserts what the
+90 s at 20% loss, fake clock) found a false DEAD in 9 of 30 runs before the fixes of
+2026-12-03 and in none of 30 after, but the mechanism left (a new member with a
+2-member view: 4 s timeout, no relays) is not impossible, so this asserts what the
 protocol promises: every false DEAD is refuted, i.e. each agent that logged a live
 member dead logs it alive again at a higher incarnation, within ``REFUTE_BOUND``.
-Counts go to stdout and the JUnit properties (7 of 7 real runs had none).
+Counts go to stdout and the JUnit properties (8 of 8 real runs had none).
 
-Runtime on the loaded 2-core machine (load 11 to 24): 52 to 144 s without loss, 73 to
-110 s with, almost all of it the 20 Python start-ups (``setup_s``).
+Runtime on the loaded 2-core machine (load 6 to 24): 33 to 144 s without loss, 73 to
+110 s with, most of it the 20 Python start-ups (``setup_s``).
 
 Processes are started through ``LocalCluster`` (tracked by PID, stopped in teardown);
 the namespace and its nftables table are deleted in teardown too.
