@@ -32,10 +32,16 @@ import heapq
 import math
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
+from itertools import repeat
+from operator import sub
+from statistics import NormalDist
 from typing import Any, Final
+
+import msgpack
 
 from meshd.core import wire
 from meshd.core.membership import (
@@ -87,6 +93,22 @@ _CODE: Final = {
 MAX_SPIN: Final = 1_000
 #: False positives kept individually (the rest are only counted).
 FP_KEEP: Final = 50
+#: Latencies are drawn from 2**LATENCY_BITS equiprobable quantiles of the distribution
+#: (the midpoints of its 16,384 slices), indexed by random bits: one C call a datagram.
+LATENCY_BITS: Final = 14
+
+
+@cache
+def latency_table(dist: str, lo: float, hi: float, median: float, sigma: float) -> list[float]:
+    """The quantile table of a latency law (shared by every run with the same law)."""
+    levels = 1 << LATENCY_BITS
+    mids = [(k + 0.5) / levels for k in range(levels)]
+    if dist == "uniform":
+        return [lo + (hi - lo) * q for q in mids]
+    if sigma == 0:
+        return [min(max(median, lo), hi)] * levels
+    normal = NormalDist(math.log(median), sigma)
+    return [min(max(math.exp(normal.inv_cdf(q)), lo), hi) for q in mids]
 
 
 def node_id(i: int) -> bytes:
@@ -115,6 +137,7 @@ class BroadcastRecord:
     at: float
     observers: list[int]  # live at injection, the origin included
     reached: dict[int, float] = field(default_factory=dict)
+    group: str = ""
 
 
 @dataclass
@@ -131,6 +154,7 @@ class SetupStats:
     mode: str
     wall_s: float
     add_member_calls: int
+    cpu_s: float = 0.0
 
     @property
     def us_per_add_member(self) -> float | None:
@@ -171,6 +195,8 @@ class Simulation:
         self.plan_rng = random.Random(f"{self.seed}:plan")
         self.ae_rng = random.Random(f"{self.seed}:anti-entropy")
         self._latency = self._latency_sampler()
+        lat = scenario.latency
+        self._lat_table = latency_table(lat.dist, lat.min, lat.max, lat.median, lat.sigma)
 
         # Node instances and their bookkeeping.
         self.nodes: list[Membership | None] = [None] * n
@@ -202,7 +228,13 @@ class Simulation:
         # Counters.
         self.msgs_sent = [0] * n
         self.bytes_sent = [0] * n
-        self.kinds: dict[str, int] = {}
+        #: Per message kind: [messages, bytes].
+        self.kind_stats: dict[str, list[int]] = {}
+        # One reusable packer: the same bytes as ``wire.pack`` (same options), without
+        # building a packer per message (half the cost of counting bytes).
+        self._pack = msgpack.Packer(use_bin_type=True).pack
+        # Per-node bytes at the previous sample (for the busiest node's rate per sample).
+        self._bytes_mark = [0] * n
         self.dropped = {"loss": 0, "partition": 0, "down": 0, "unknown_addr": 0}
         self.oversize = 0
         self._byte_tick = 0
@@ -225,6 +257,7 @@ class Simulation:
         self.samples: list[dict[str, float]] = []
         self.setup: SetupStats | None = None
         self.wall_s = 0.0
+        self.cpu_s = 0.0
         self._fp_windows: list[tuple[float, float]] = []
         self._drain_cap = 8 * n + 10_000
         self._ran = False
@@ -244,12 +277,19 @@ class Simulation:
 
     def _latency_sampler(self) -> Callable[[], float]:
         lat = self.scenario.latency
-        rng = self.net_rng
-        lo, hi = lat.min, lat.max
-        if lat.dist == "uniform":
-            return lambda: rng.uniform(lo, hi)
-        mu, sigma = math.log(lat.median), lat.sigma
-        return lambda: min(max(rng.lognormvariate(mu, sigma), lo), hi)
+        table = latency_table(lat.dist, lat.min, lat.max, lat.median, lat.sigma)
+        bits = self.net_rng.getrandbits
+        return lambda: table[bits(LATENCY_BITS)]
+
+    @property
+    def kinds(self) -> dict[str, int]:
+        """Messages sent, by kind."""
+        return {k: v[0] for k, v in self.kind_stats.items()}
+
+    @property
+    def kind_bytes(self) -> dict[str, int]:
+        """Bytes counted, by message kind."""
+        return {k: v[1] for k, v in self.kind_stats.items()}
 
     # ---------------------------------------------------------------------- running
 
@@ -259,6 +299,7 @@ class Simulation:
             raise RuntimeError("a Simulation runs once; build a new one")
         self._ran = True
         wall0 = time.perf_counter()
+        cpu0 = time.process_time()
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
@@ -276,41 +317,63 @@ class Simulation:
             if gc_was_enabled:
                 gc.enable()
         self.wall_s = time.perf_counter() - wall0
+        self.cpu_s = time.process_time() - cpu0
         return self
 
     def _loop(self) -> None:
+        # The hot path: names are bound locally and a datagram for a node that is not
+        # slow is handed to its core inline (the same steps as ``_deliver``).
         heap = self._heap
         pop = heapq.heappop
-        for _ in range(self.scenario.max_events):
-            if not heap or heap[0][0] > self.end:
-                break
-            entry = pop(heap)
-            self.now = entry[0]
-            kind = entry[2]
-            self.events_processed += 1
-            if kind == _MSG:
-                self._deliver(entry[3], entry[4], entry[5])
-            elif kind == _TIMER:
-                i = entry[3]
-                if self._armed[i] == entry[4]:
-                    m = self.nodes[i]
-                    assert m is not None
-                    self._armed[i] = -1
-                    m.handle_timer(self.now)
-                    self._after(i, m, from_timer=True)
-            elif kind == _PROC:
-                dst = entry[3]
-                m = self.nodes[dst]
-                if m is not None and self.generation[dst] == entry[6]:
-                    self._receive(dst, m, entry[4], entry[5])
+        nodes = self.nodes
+        armed = self._armed
+        slow = self._slow
+        dropped = self.dropped
+        after = self._after
+        unpack = wire.unpack if self.wire else None
+        count = 0
+        try:
+            for _ in range(self.scenario.max_events):
+                if not heap or heap[0][0] > self.end:
+                    break
+                entry = pop(heap)
+                now = self.now = entry[0]
+                kind = entry[2]
+                count += 1
+                if kind == _MSG:
+                    dst = entry[3]
+                    m = nodes[dst]
+                    if m is None:
+                        dropped["down"] += 1
+                    elif slow[dst]:
+                        self._deliver(dst, entry[4], entry[5])
+                    else:
+                        payload = entry[5]
+                        m.receive(payload if unpack is None else unpack(payload), entry[4], now)
+                        after(dst, m)
+                elif kind == _TIMER:
+                    i = entry[3]
+                    if armed[i] == entry[4]:
+                        m = nodes[i]
+                        assert m is not None
+                        armed[i] = -1
+                        m.handle_timer(now)
+                        after(i, m, True)
+                elif kind == _PROC:
+                    dst = entry[3]
+                    m = nodes[dst]
+                    if m is not None and self.generation[dst] == entry[6]:
+                        self._receive(dst, m, entry[4], entry[5])
+                    else:
+                        dropped["down"] += 1
+                elif kind == _ACTION:
+                    entry[3]()
                 else:
-                    self.dropped["down"] += 1
-            elif kind == _ACTION:
-                entry[3]()
+                    self._anti_entropy_event(kind, entry[3], entry[4], entry[5])
             else:
-                self._anti_entropy_event(kind, entry[3], entry[4], entry[5])
-        else:
-            raise RuntimeError(f"event budget of {self.scenario.max_events} exhausted")
+                raise RuntimeError(f"event budget of {self.scenario.max_events} exhausted")
+        finally:
+            self.events_processed += count
         self.now = max(self.now, self.end)
 
     # ----------------------------------------------------------------- node inputs
@@ -345,15 +408,12 @@ class Simulation:
         """Carry out what one input produced: send, record events, re-arm the timer."""
         out = m.messages_to_send()
         if out:
+            send = self._send
             for msg, dst_addr in out:
-                self._send(i, msg, dst_addr)
-        for _ in range(self._drain_cap):
-            ev = m.next_event()
-            if ev is None:
-                break
-            self._on_event(i, m, ev)
-        else:
-            raise RuntimeError(f"node {i} produced more than {self._drain_cap} events at once")
+                send(i, msg, dst_addr)
+        ev = m.next_event()
+        if ev is not None:
+            self._drain(i, m, ev)
         t = m.get_timer()
         if t is None:
             self._armed[i] = -1
@@ -375,25 +435,54 @@ class Simulation:
         self._armed_at[i] = t
         heapq.heappush(self._heap, (t, self._seq, _TIMER, i, self._seq, None))
 
+    def _drain(self, i: int, m: Membership, ev: Any) -> None:
+        """Record ``ev`` and every further event the node has queued (bounded). Most are
+        copies of items the node already has: those are skipped here, inline."""
+        on_event = self._on_event
+        broadcasts = self.broadcasts
+        for _ in range(self._drain_cap):
+            if type(ev) is Piggyback:
+                item = ev.item
+                if item.get("k") == SIM_ITEM:
+                    rec = broadcasts.get(item.get("n", -1))
+                    if rec is not None and i not in rec.reached:
+                        self._first_reach(i, m, rec, item)
+            else:
+                on_event(i, m, ev)
+            ev = m.next_event()
+            if ev is None:
+                return
+        raise RuntimeError(f"node {i} produced more than {self._drain_cap} events at once")
+
     def _send(self, i: int, msg: dict[str, Any], dst_addr: Addr) -> None:
         self.msgs_sent[i] += 1
         k = msg["k"]
-        self.kinds[k] = self.kinds.get(k, 0) + 1
+        ks = self.kind_stats.get(k)
+        if ks is None:
+            ks = self.kind_stats[k] = [0, 0]
+        ks[0] += 1
         payload: Any = msg
+        size = -1
         if self.wire:
             payload = wire.pack(msg)
             size = len(payload)
-            self.bytes_sent[i] += size + ENVELOPE
+            counted = size + ENVELOPE
+        else:
+            sample = self.scenario.bytes_sample
+            if sample == 1:
+                size = len(self._pack(msg))
+                counted = size + ENVELOPE
+            else:
+                self._byte_tick += 1
+                if self._byte_tick >= sample:
+                    self._byte_tick = 0
+                    size = len(self._pack(msg))
+                    counted = (size + ENVELOPE) * sample
+        if size >= 0:
+            self.bytes_sent[i] += counted
+            ks[1] += counted
             if size > self.timing.max_packet:
                 self.oversize += 1
-        else:
-            self._byte_tick += 1
-            if self._byte_tick >= self.scenario.bytes_sample:
-                self._byte_tick = 0
-                size = len(wire.pack(msg))
-                self.bytes_sent[i] += (size + ENVELOPE) * self.scenario.bytes_sample
-                if size > self.timing.max_packet:
-                    self.oversize += 1
         dst = self.addr_index.get(dst_addr)
         if dst is None:
             self.dropped["unknown_addr"] += 1
@@ -405,10 +494,8 @@ class Simulation:
             self.dropped["loss"] += 1
             return
         self._seq += 1
-        heapq.heappush(
-            self._heap,
-            (self.now + self._latency(), self._seq, _MSG, dst, self.addrs[i], payload),
-        )
+        t = self.now + self._lat_table[self.net_rng.getrandbits(LATENCY_BITS)]
+        heapq.heappush(self._heap, (t, self._seq, _MSG, dst, self.addrs[i], payload))
 
     def _blocked(self, src: int, dst: int) -> bool:
         for side, one_way in self._partitions:
@@ -428,13 +515,12 @@ class Simulation:
                 self._on_accusation(i, j, ev.new is MemberState.DEAD, ev.incarnation)
         elif tp is MemberJoined:
             self._set_view(i, self.id_index[ev.node_id], ALIVE)
-        elif tp is Piggyback:
-            self._on_piggyback(i, m, ev.item)
         elif tp is MemberRemoved:
             self._set_view(i, self.id_index[ev.node_id], UNKNOWN)
         elif tp is Refuted:
             self.refutations += 1
-        # MemberAddressChanged cannot happen: addresses never change here.
+        # Piggyback is handled in _drain; MemberAddressChanged cannot happen here
+        # (addresses never change), SyncNeeded needs no action (no owner data).
 
     def _on_accusation(self, i: int, j: int, dead: bool, inc: int) -> None:
         now = self.now
@@ -457,12 +543,9 @@ class Simulation:
         elif rec.first_suspect is None:
             rec.first_suspect = now
 
-    def _on_piggyback(self, i: int, m: Membership, item: dict[str, Any]) -> None:
-        if item.get("k") != SIM_ITEM:
-            return
-        rec = self.broadcasts.get(item.get("n", -1))
-        if rec is None or i in rec.reached:
-            return
+    def _first_reach(
+        self, i: int, m: Membership, rec: BroadcastRecord, item: dict[str, Any]
+    ) -> None:
         rec.reached[i] = self.now
         # The owner re-broadcasts an item it accepted (the core's delegate model).
         m.broadcast(item, b"sim:%d" % rec.bid)
@@ -516,20 +599,21 @@ class Simulation:
         s = self.scenario
         n = self.n
         t0 = time.perf_counter()
+        c0 = time.process_time()
         calls = 0
         if s.bootstrap == "full":
             # Every view complete at t=0: the state a cluster reaches once join and
             # record sync are done, which is where failure detection starts.
+            # The ids, address tuples, incarnation 0 and time 0.0 are single objects
+            # shared by every view; the loops run in C (map, deque) around the public
+            # calls. add_member sees each node's own id too, which the core ignores.
             ids, addrs = self.ids, self.addrs
             for i in range(n):
                 m = self._new_core(i, 0)
-                for j in range(n):
-                    if j != i:
-                        m.add_member(ids[j], addrs[j], 0, 0.0)
-                calls += n - 1
-                for _ in range(n + 1):  # only MemberJoined events, already accounted for
-                    if m.next_event() is None:
-                        break
+                deque(map(m.add_member, ids, addrs, repeat(0, n), repeat(0.0, n)), maxlen=0)
+                calls += n
+                # Only MemberJoined events, which the view rows below account for.
+                deque(iter(m.next_event, None), maxlen=0)
                 self.nodes[i] = m
                 row = bytearray(b"\x01") * n
                 row[i] = UNKNOWN
@@ -557,7 +641,9 @@ class Simulation:
             for j, t in zip(range(s.seeds, n), times, strict=True):
                 self.at(t, partial(self._join, j, None))
             self.at(times[-1] if times else 0.0, self._watch_join)
-        self.setup = SetupStats(s.bootstrap, time.perf_counter() - t0, calls)
+        self.setup = SetupStats(
+            s.bootstrap, time.perf_counter() - t0, calls, time.process_time() - c0
+        )
 
     def _watch_join(self) -> None:
         self.watch("join")
@@ -650,7 +736,7 @@ class Simulation:
         self._join(j, self.last_inc[j] + 1)
         self.watch(f"restart:{j}")
 
-    def inject(self, node: int, size: int) -> BroadcastRecord | None:
+    def inject(self, node: int, size: int, group: str = "") -> BroadcastRecord | None:
         """Queue one opaque item at ``node`` and follow its spread."""
         m = self.nodes[node]
         if m is None:
@@ -658,7 +744,7 @@ class Simulation:
         bid = len(self.broadcasts)
         item = {"k": SIM_ITEM, "n": bid, "p": bytes(size)}
         observers = [i for i in range(self.n) if self.up[i]]
-        rec = BroadcastRecord(bid, node, self.now, observers, {node: self.now})
+        rec = BroadcastRecord(bid, node, self.now, observers, {node: self.now}, group)
         self.broadcasts[bid] = rec
         m.broadcast(item, b"sim:%d" % bid)
         self._after(node, m)
@@ -702,9 +788,10 @@ class Simulation:
             self.slow_nodes = sorted(chosen)
             for i in chosen:
                 self._slow[i] = True
-        for b in s.broadcasts:
+        for g, b in enumerate(s.broadcasts, 1):
+            group = b.group or f"broadcast{g}"
             for k in range(b.count):
-                self.at(b.at + k * b.every, partial(self._inject_planned, b.node, b.size))
+                self.at(b.at + k * b.every, partial(self._inject_planned, b.node, b.size, group))
         t = 0.0
         for _ in range(int(s.duration / s.sample_interval) + 2):
             self.at(t, self._sample)
@@ -716,24 +803,29 @@ class Simulation:
         self._partitions.remove(entry)
         self.watch("partition_heal")
 
-    def _inject_planned(self, node: int | None, size: int) -> None:
+    def _inject_planned(self, node: int | None, size: int, group: str) -> None:
         i = node if node is not None and self.up[node] else self._pick_live()
         if i is not None:
-            self.inject(i, size)
+            self.inject(i, size, group)
 
     def _sample(self) -> None:
         if self.stop_when is not None and self.stop_when(self):
             self.end = self.now  # the loop sees it before the next entry
+        sent = self.bytes_sent
+        # The most any one node sent since the previous sample: O(n) per sample.
+        busiest = max(map(sub, sent, self._bytes_mark), default=0)
+        self._bytes_mark = sent.copy()
         self.samples.append(
             {
                 "t": self.now,
                 "live": self.live,
                 "wrong_pairs": self.wrong_total,
-                "incomplete_nodes": sum(1 for w in self.wrong if w),
+                "incomplete_nodes": self.n - self.wrong.count(0),
                 "suspect_pairs": self.suspect_pairs,
                 "dead_pairs": self.dead_pairs,
                 "msgs": sum(self.msgs_sent),
-                "bytes": sum(self.bytes_sent),
+                "bytes": sum(sent),
+                "max_node_bytes": busiest,
             }
         )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from itertools import pairwise
 from typing import Any
 
 from meshd.core.membership import (
@@ -21,7 +22,16 @@ from meshd.core.membership import (
 from simulations.engine import BroadcastRecord, CrashRecord, Simulation
 
 #: Dissemination is reported at these fractions of the nodes live at injection.
-REACH: tuple[float, ...] = (0.5, 0.9, 0.99, 1.0)
+REACH: tuple[float, ...] = (0.5, 0.9, 0.99, 0.9999, 1.0)
+#: memberlist's gossip budget per node: ``UDPBufferSize`` (1,400 B) x ``GossipNodes`` (3)
+#: every ``GossipInterval`` (200 ms) = 21,000 B/s, probes not included. The LAN profile's
+#: gossip settings are memberlist's, so this is the figure to compare against.
+MEMBERLIST_PACKET: int = 1_400
+
+
+def reach_key(q: float) -> str:
+    """``t50_s``, ``t99_s``, ``t99.99_s``, ``t100_s``: seconds to reach a fraction q."""
+    return f"t{q * 100:g}_s"
 
 
 def percentile(ordered: Sequence[float], q: float) -> float | None:
@@ -108,26 +118,39 @@ def reach(rec: BroadcastRecord) -> dict[str, Any]:
     total = len(rec.observers)
     out: dict[str, Any] = {
         "bid": rec.bid,
+        "group": rec.group,
         "node": rec.node,
         "at": round(rec.at, 3),
         "observers": total,
         "coverage": round(len(times) / total, 4) if total else None,
     }
     for q in REACH:
-        need = max(1, math.ceil(q * total))
-        out[f"t{round(q * 100)}_s"] = _r(times[need - 1] if len(times) >= need else None)
+        need = max(1, math.ceil(round(q * total, 9)))
+        out[reach_key(q)] = _r(times[need - 1] if len(times) >= need else None)
     return out
 
 
-def dissemination(sim: Simulation) -> dict[str, Any]:
-    per = [reach(r) for r in sim.broadcasts.values()]
+def _reach_summary(per: list[dict[str, Any]]) -> dict[str, Any]:
     agg: dict[str, Any] = {"items": len(per)}
     for q in REACH:
-        key = f"t{round(q * 100)}_s"
+        key = reach_key(q)
         vals = [p[key] for p in per if p[key] is not None]
         agg[key] = stats(vals) | {"missing": len(per) - len(vals)}
     agg["coverage_min"] = min((p["coverage"] for p in per), default=None)
-    return {"summary": agg, "per_item": per}
+    return agg
+
+
+def dissemination(sim: Simulation) -> dict[str, Any]:
+    """Per item, all items together, and per group (one ``[[broadcast]]`` table each)."""
+    per = [reach(r) for r in sim.broadcasts.values()]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for p in per:
+        groups.setdefault(p["group"], []).append(p)
+    return {
+        "summary": _reach_summary(per),
+        "groups": {g: _reach_summary(items) for g, items in groups.items()},
+        "per_item": per,
+    }
 
 
 def traffic(sim: Simulation) -> dict[str, Any]:
@@ -138,6 +161,16 @@ def traffic(sim: Simulation) -> dict[str, Any]:
     up_time = sim.end
     sample = sim.scenario.bytes_sample
     counted = "exact" if sim.wire or sample == 1 else f"1 message in {sample}, scaled"
+    # Per sample interval: the cluster's mean rate per live node and the busiest node's.
+    mean_peak = node_peak = 0.0
+    ts = sim.samples
+    for a, b in pairwise(ts):
+        dt = b["t"] - a["t"]
+        if dt > 0:
+            mean_peak = max(mean_peak, (b["bytes"] - a["bytes"]) / (max(b["live"], 1) * dt))
+            node_peak = max(node_peak, b["max_node_bytes"] / dt)
+    t = sim.timing
+    budget = MEMBERLIST_PACKET * t.gossip_nodes / t.gossip_interval
     return {
         "messages": msgs,
         "bytes": nbytes,
@@ -146,6 +179,12 @@ def traffic(sim: Simulation) -> dict[str, Any]:
         "bytes_per_node_s": round(nbytes / ns, 1),
         "max_node_msgs_per_s": round(max(sim.msgs_sent) / up_time, 3),
         "max_node_bytes_per_s": round(max(sim.bytes_sent) / up_time, 1),
+        "peak_mean_bytes_per_node_s": round(mean_peak, 1),
+        "peak_node_bytes_per_s": round(node_peak, 1),
+        "memberlist_gossip_budget_bytes_per_s": round(budget, 1),
+        "bytes_per_node_s_by_kind": {
+            k: round(v / ns, 1) for k, v in sorted(sim.kind_bytes.items())
+        },
         "by_kind": dict(sorted(sim.kinds.items())),
         "dropped": dict(sim.dropped),
         "oversize_packets": sim.oversize,
@@ -198,11 +237,13 @@ def wall(sim: Simulation) -> dict[str, Any]:
     return {
         "total_s": round(sim.wall_s, 3),
         "setup_s": None if setup is None else round(setup.wall_s, 3),
+        "setup_cpu_s": None if setup is None else round(setup.cpu_s, 3),
         "setup_mode": None if setup is None else setup.mode,
         "add_member_calls": None if setup is None else setup.add_member_calls,
         "us_per_add_member": None
         if setup is None or setup.us_per_add_member is None
         else round(setup.us_per_add_member, 2),
+        "cpu_s": round(sim.cpu_s, 3),
         "events_per_s": round(sim.events_processed / sim.wall_s) if sim.wall_s else None,
         "sim_speed": round(sim.end / sim.wall_s, 3) if sim.wall_s else None,
     }

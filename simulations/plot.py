@@ -21,6 +21,10 @@ except ImportError:  # pragma: no cover - depends on the environment
     MISSING = "matplotlib is not installed"
 
 
+#: (JSON key, percentage) of the dissemination levels plotted.
+LEVELS = (("t50_s", 50), ("t90_s", 90), ("t99_s", 99), ("t99.99_s", 99.99), ("t100_s", 100))
+
+
 def plot(doc: dict[str, Any], path: Path) -> Path | None:
     """Write the PNG for ``doc`` (one row of panels per run); None without matplotlib."""
     if plt is None:
@@ -44,8 +48,8 @@ def plot(doc: dict[str, Any], path: Path) -> Path | None:
             if d["n"]:
                 ax.axvline(d["median"], linestyle="--", label=f"crash {c['node']}: median DEAD")
         for item in r["dissemination"]["per_item"][:10]:
-            xs = [item[k] for k in ("t50_s", "t90_s", "t99_s", "t100_s")]
-            ax.plot(xs, [50, 90, 99, 100], marker="o", alpha=0.5)
+            pts = [(item[k], y) for k, y in LEVELS if item.get(k) is not None]
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", alpha=0.5)
         ax.set_xlabel("seconds after injection / crash")
         ax.set_ylabel("% of nodes reached")
         ax.set_title("dissemination and detection")

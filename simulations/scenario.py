@@ -29,6 +29,8 @@ STANDARD = (
     "partition_200",
     "partition_200_core",
     "dissemination_1000",
+    "dissemination_10000",
+    "scale_10000_60s",
 )
 
 
@@ -88,13 +90,16 @@ class Slow:
 @dataclass(frozen=True)
 class Broadcast:
     """Inject ``count`` opaque items, ``every`` seconds apart from ``at``, each at ``node``
-    (or a random live node); their spread is the dissemination metric."""
+    (or a random live node); their spread is the dissemination metric. ``size`` is the
+    payload: the item packs to ``size + 15`` bytes (603 -> 618, a meshd record). Items
+    of one ``group`` are also summarised apart (default: ``broadcast<k>``, k from 1)."""
 
     at: float
     node: int | None = None
     count: int = 1
     every: float = 1.0
     size: int = 64
+    group: str = ""
 
 
 @dataclass(frozen=True)
@@ -291,5 +296,6 @@ def _validate(s: Scenario, where: str = "") -> None:
         need(b.count >= 1 and b.every > 0, "broadcast needs count >= 1 and every > 0")
         need(b.node is None or 0 <= b.node < s.nodes, f"broadcast node {b.node} out of range")
         need(0 <= b.size <= 900, "broadcast size must be in [0, 900] bytes (one packet)")
+        need(isinstance(b.group, str), "broadcast group must be a string")
     need(s.anti_entropy.interval >= 0, "anti_entropy.interval must not be negative")
     s.build_timing()  # raises on a bad [timing] key or value

@@ -167,6 +167,65 @@ def test_no_live_node_declared_dead_at_one_percent_loss(
     assert r["convergence"]["final_wrong_pairs"] == 0
 
 
+def test_no_live_node_declared_dead_at_ten_percent_loss() -> None:
+    """10% loss on every datagram makes probes fail (ping or ack lost and all three
+    indirect paths lost too), so members are suspected; refutations must win every time."""
+    sc = make(nodes=200, duration=60.0, network={**LAN_NET, "loss": 0.10})
+    r = run(sc, seed=13)[1]
+    tr = r["traffic"]
+    assert 0.08 < tr["dropped"]["loss"] / tr["messages"] < 0.12
+    fp = r["false_positives"]
+    assert fp["suspect"]["events"] > 0  # the loss does bite: the test can fail
+    assert fp["refutations"] > 0
+    assert fp["dead"]["events"] == 0
+
+
+# -------------------------------------------------------------------- dissemination
+
+#: A payload that packs to a 618-byte item: the size of an encoded meshd record.
+RECORD_PAYLOAD = 603
+
+
+def gossip_rounds(n: int, fanout: int, slack: int = 3) -> int:
+    """Gossip rounds until all ``n`` nodes hold an item, with margin. Push gossip to
+    ``fanout`` members per round grows about (1 + fanout)-fold per round until most
+    nodes have it, then the share still missing shrinks about e^-fanout per round
+    (Pittel 1987 for fanout 1): log_{1+f} n + ln(n) / f rounds. ``slack`` rounds cover
+    the wait for the first tick, loss, and each holder's own phase."""
+    grow = math.log(n) / math.log(1 + fanout)
+    tail = math.log(n) / fanout
+    return math.ceil(grow) + math.ceil(tail) + slack
+
+
+def test_records_reach_every_node_within_the_gossip_bound() -> None:
+    """618-byte records (one per packet) spread by gossip alone, each receiver passing
+    it on (the delegate model), within the rounds push gossip needs: while small items
+    keep every queue busy (gossip paced at one round per interval, random phases) and
+    into a quiet cluster (a node with an empty queue sends a new item at once). No node
+    ever sends more than memberlist's gossip budget in a second."""
+    sc = make(
+        nodes=300,
+        duration=20.0,
+        broadcast=[
+            {"group": "background", "at": 0.5, "count": 20, "every": 0.5},
+            {"group": "busy", "at": 2.1, "count": 3, "every": 2.5, "size": RECORD_PAYLOAD},
+            {"group": "idle", "at": 13.0, "count": 2, "every": 3.0, "size": RECORD_PAYLOAD},
+        ],
+    )
+    r = run(sc, seed=21)[1]
+    t = sc.build_timing()
+    bound = gossip_rounds(sc.nodes, t.gossip_nodes) * t.gossip_interval
+    groups = r["dissemination"]["groups"]
+    assert [groups[g]["items"] for g in ("background", "busy", "idle")] == [20, 3, 2]
+    for g in groups.values():
+        assert g["coverage_min"] == 1.0
+        assert g["t100_s"]["missing"] == 0
+        assert g["t100_s"]["max"] <= bound
+    tr = r["traffic"]
+    assert tr["oversize_packets"] == 0
+    assert 0 < tr["peak_node_bytes_per_s"] <= tr["memberlist_gossip_budget_bytes_per_s"]
+
+
 # ----------------------------------------------------------------------- partitions
 
 
@@ -202,9 +261,11 @@ def test_partition_heals_with_push_pull() -> None:
 # ------------------------------------------------------------------------ Lifeguard
 
 
-def test_lifeguard_gives_no_more_false_positives_with_slow_nodes() -> None:
-    """Slow members (every inbound datagram handled 0.5-2 s late) suspect healthy ones;
-    Lifeguard's local health must not make that worse, and in practice cuts it."""
+def test_lifeguard_cuts_false_suspicions_of_healthy_nodes() -> None:
+    """Slow members (every inbound datagram handled 0.5-2 s late) suspect healthy ones.
+    Lifeguard (local health, nacks, confirmations) must cut those accusations by a
+    large factor: 13-16x at this size over seeds 4-7, 20-25x at 500 nodes; 5x leaves a
+    margin. Suspicions of the slow nodes themselves are not false and are not cut."""
     sc = make(
         nodes=150,
         duration=25.0,
@@ -212,7 +273,7 @@ def test_lifeguard_gives_no_more_false_positives_with_slow_nodes() -> None:
     )
     on = run(sc, seed=4, lifeguard=True)[1]["false_positives"]
     off = run(sc, seed=4, lifeguard=False)[1]["false_positives"]
-    assert off["suspect"]["about_healthy_nodes"] > 0  # the anomaly is real
+    assert off["suspect"]["about_healthy_nodes"] > 1_000  # the anomaly is real
     assert on["dead"]["events"] <= off["dead"]["events"]
     assert on["suspect"]["events"] <= off["suspect"]["events"]
-    assert on["suspect"]["about_healthy_nodes"] <= off["suspect"]["about_healthy_nodes"]
+    assert 5 * on["suspect"]["about_healthy_nodes"] <= off["suspect"]["about_healthy_nodes"]
