@@ -36,6 +36,7 @@ from meshd.core.membership import (
     Refuted,
     Timing,
     expected_confirmations,
+    push_pull_scale,
     retransmit_limit,
     suspicion_bounds,
     suspicion_timeout,
@@ -1197,3 +1198,76 @@ def test_fifty_nodes_detect_a_crash_without_false_positives() -> None:
     assert all(
         net.view(i, j) == (ALIVE, net.node(j).incarnation) for i in others for j in others if i != j
     )
+
+
+def test_add_members_builds_the_view_add_member_builds() -> None:
+    """The bulk form (restored views, the simulator's bootstrap) leaves the same members,
+    states, incarnations and probe targets (in another random order), and the same
+    events when asked for them."""
+    one, bulk, quiet = (
+        Membership(nid(0), addr(0), LOCAL, random.Random(1), NOW0, learn_unknown=False)
+        for _ in range(3)
+    )
+    # Something already known or heard of goes the add_member way inside the bulk call.
+    for m in (one, bulk, quiet):
+        m.add_member(nid(3), addr(3), 4, NOW0)
+        m.receive({"k": "gossip", "g": [{"k": "suspect", "id": nid(5), "inc": 2, "by": nid(3)}]},
+                  addr(3), NOW0)  # fmt: skip
+        m.next_event()
+    todo = [(nid(i), addr(i), i % 3) for i in range(0, 40)]
+    for x in todo:
+        one.add_member(*x, NOW0)
+    bulk.add_members(todo, NOW0)
+    quiet.add_members(todo, NOW0, events=False)
+
+    def view(m: Membership) -> list[tuple[bytes, MemberState, int]]:
+        return sorted((v.node_id, v.state, v.incarnation) for v in m.members())
+
+    def drained(m: Membership) -> list[Event]:
+        return list(iter(m.next_event, None))
+
+    assert view(one) == view(bulk) == view(quiet)
+    assert view(one)[5][1:] == (SUSPECT, 2)  # the pending suspicion applied
+    ev_one, ev_bulk = drained(one), drained(bulk)
+    assert sorted(map(repr, ev_one)) == sorted(map(repr, ev_bulk))
+    # Quiet: only what add_member reports for the one that was pending.
+    assert [type(e) for e in drained(quiet)] == [MemberJoined, MemberStateChanged]
+    for m in (one, bulk, quiet):
+        assert sorted(m._probe_list[m._probe_idx :]) == sorted(nid(i) for i in range(1, 40))
+    with pytest.raises(ValueError, match="bytes"):
+        bulk.add_members([(b"short", addr(1), 0)], NOW0)
+
+
+def test_first_push_pull_is_staggered_over_the_scaled_interval() -> None:
+    """Nodes started together must not all push-pull within the base interval and then
+    in lockstep every scaled interval: the first exchange falls uniformly within the
+    interval scaled for the cluster size (memberlist's pushPullTrigger stagger)."""
+    n = 200
+    lan = PROFILES["lan"]
+    scaled = push_pull_scale(lan.push_pull_interval, n)
+    assert scaled == 4 * lan.push_pull_interval
+    firsts = []
+    for seed in range(40):
+        m = Membership(nid(0), addr(0), lan, random.Random(seed), NOW0)
+        m.add_members(
+            [(bytes([1 + i // 256, i % 256]) * 8, addr(1), 0) for i in range(n - 1)], NOW0
+        )
+        now = NOW0
+        for _ in range(10_000):
+            t = m.get_timer()
+            assert t is not None
+            now = t
+            m.handle_timer(now)
+            out = m.messages_to_send()
+            for msg, to in out:  # answer probes so nobody is suspected meanwhile
+                if msg["k"] == "ping":
+                    m.receive({"k": "ack", "seq": msg["seq"], "from": msg["to"]}, to, now)
+            if any(msg["k"] == "pp" for msg, _ in out):
+                break
+        else:
+            raise AssertionError("no push-pull")
+        firsts.append(now - NOW0)
+    assert max(firsts) < scaled
+    # Spread over the scaled interval, not bunched in the first 30 s: a quarter would
+    # be, on average; all but one would be under the old stagger.
+    assert sum(1 for f in firsts if f > lan.push_pull_interval) >= 20
