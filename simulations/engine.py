@@ -27,16 +27,15 @@ Why it is built this way:
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import heapq
 import math
 import random
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cache, partial
-from itertools import repeat
 from operator import sub
 from statistics import NormalDist
 from typing import Any, Final
@@ -44,8 +43,9 @@ from typing import Any, Final
 import msgpack
 
 from meshd.core import wire
+from meshd.core.crypto import SignedBlob, SigningKey, WireGuardKey
+from meshd.core.ipam import AddressPlan
 from meshd.core.membership import (
-    MAX_PIGGYBACK,
     MemberJoined,
     MemberRemoved,
     Membership,
@@ -54,26 +54,33 @@ from meshd.core.membership import (
     MemberView,
     Piggyback,
     Refuted,
+    SyncNeeded,
     Timing,
     suspicion_bounds,
 )
+from meshd.core.node import PUSH_BUDGET, SWIM_BUDGET, SWIM_WRAP, Node, NodeConfig
+from meshd.core.wire import Keyring
+from simulations.pull import RecordPull, announcement
 from simulations.scenario import Scenario
 
 Addr = tuple[str, int]
 PORT: Final = 7946
 #: What a sealed datagram carries beyond its msgpack body (header, key id, nonce, tag).
 ENVELOPE: Final = wire.SEALED_OVERHEAD
-#: The item kind of dissemination probes injected with ``broadcast``.
-SIM_ITEM: Final = "sim"
+#: A membership message travels as ``{"t": "swim", "m": msg}`` inside the envelope.
+SWIM_OVERHEAD: Final = SWIM_WRAP + ENVELOPE
+#: Every node starts holding every record at this version (full bootstrap).
+BASE_SEQ: Final = 1
 
 # Heap entry kinds.
 _MSG: Final = 0  # (t, seq, _MSG, dst, src_addr, payload)
 _TIMER: Final = 1  # (t, seq, _TIMER, node, token, None)
 _PROC: Final = 2  # (t, seq, _PROC, dst, src_addr, payload, gen): a slow node handles it now
 _ACTION: Final = 3  # (t, seq, _ACTION, callable, None, None)
-_AE_TICK: Final = 4  # (t, seq, _AE_TICK, node, gen, None)
-_AE_REQ: Final = 5  # (t, seq, _AE_REQ, dst, src, items)
-_AE_RESP: Final = 6  # (t, seq, _AE_RESP, dst, src, items)
+# A datagram's payload is a membership message (a map; bytes in wire mode) or, for the
+# node-level record pull, a tuple: ("rq", [owner index, ...]) or ("push", [(owner, seq)]).
+RQ: Final = "rq"
+PUSH: Final = "push"
 
 # View codes in the who-sees-whom matrix.
 UNKNOWN: Final = 0
@@ -111,6 +118,57 @@ def latency_table(dist: str, lo: float, hi: float, median: float, sigma: float) 
     return [min(max(math.exp(normal.inv_cdf(q)), lo), hi) for q in mids]
 
 
+@cache
+def record_blob() -> SignedBlob:
+    """A real signed meshd record (admission chain included), built once: what a ``push``
+    datagram carries. The simulator does not verify it; it sizes the datagrams."""
+    rng = random.Random("record")
+    rand = rng.randbytes
+    node = Node.create_cluster(
+        sign=SigningKey(rand(32)),
+        wg=WireGuardKey(rand(32)),
+        ca=SigningKey(rand(32)),
+        keyring=Keyring([rand(32)]),
+        token_key=rand(32),
+        plan=AddressPlan.parse("10.200.0.0/16", "fd00:200::/48"),
+        config=NodeConfig(
+            name="node-01234",
+            hostname=None,
+            endpoints=["10.1.2.3:7946"],
+            zone="mesh.internal.",
+            version="0.1.0",
+        ),
+        now=1.8e9,
+        random_bytes=rand,
+    )
+    return node.record.blob
+
+
+@cache
+def push_sizes(records: int) -> tuple[int, ...]:
+    """Sealed sizes of the ``push`` datagrams answering a request for ``records`` records,
+    batched as ``Node._push`` batches them (a datagram closes once PUSH_BUDGET is
+    reached)."""
+    blob = record_blob()
+    per = len(blob.body) + 72
+    sizes: list[int] = []
+    batch = 0
+    used = 0
+    for k in range(records):
+        batch += 1
+        used += per
+        if used >= PUSH_BUDGET or k == records - 1:
+            msg = {"t": "push", "recs": [blob.to_wire()] * batch, "leases": [], "ack": False}
+            sizes.append(len(wire.pack(msg)) + ENVELOPE)
+            batch = used = 0
+    return tuple(sizes)
+
+
+def rq_size(ids: list[bytes]) -> int:
+    """Sealed size of one ``rq`` datagram."""
+    return len(wire.pack({"t": "rq", "ids": ids})) + ENVELOPE
+
+
 def node_id(i: int) -> bytes:
     """16-byte ids, as meshd uses; the index is readable in hex dumps."""
     return b"sim-node" + i.to_bytes(8, "big")
@@ -132,12 +190,16 @@ class CrashRecord:
 
 @dataclass
 class BroadcastRecord:
+    """Version ``seq`` of node ``node``'s record, published at ``at``; ``reached`` maps a
+    node to the time it held that version (or a newer one)."""
+
     bid: int
     node: int
     at: float
     observers: list[int]  # live at injection, the origin included
     reached: dict[int, float] = field(default_factory=dict)
     group: str = ""
+    seq: int = BASE_SEQ
 
 
 @dataclass
@@ -176,7 +238,12 @@ class Simulation:
     ) -> None:
         self.scenario = scenario
         self.seed = scenario.seed if seed is None else seed
-        self.timing: Timing = scenario.build_timing(lifeguard)
+        timing = scenario.build_timing(lifeguard)
+        # The node hands its core a packet budget that leaves room for the envelope and
+        # the wrapper inside a 1,280-byte IPv6 path (meshd.core.node.SWIM_BUDGET).
+        self.timing: Timing = dataclasses.replace(
+            timing, max_packet=min(timing.max_packet, SWIM_BUDGET)
+        )
         self.wire = scenario.wire if wire_mode is None else wire_mode
         n = scenario.nodes
         self.n = n
@@ -193,7 +260,6 @@ class Simulation:
         # Independent random streams, each named after its use.
         self.net_rng = random.Random(f"{self.seed}:net")
         self.plan_rng = random.Random(f"{self.seed}:plan")
-        self.ae_rng = random.Random(f"{self.seed}:anti-entropy")
         self._latency = self._latency_sampler()
         lat = scenario.latency
         self._lat_table = latency_table(lat.dist, lat.min, lat.max, lat.median, lat.sigma)
@@ -241,7 +307,13 @@ class Simulation:
         self.refutations = 0
         self.node_seconds = 0.0
         self._live_mark = 0.0
-        self.ae = {"exchanges": 0, "failed": 0, "bytes": 0, "items": 0}
+        # Record pull (simulations/pull.py, the node's rule): per node, the versions
+        # it holds of records changed since the start (the rest are at BASE_SEQ) and its
+        # pull bookkeeping; per owner, the versions published, for the reach metric.
+        self.held: list[dict[int, int]] = [{} for _ in range(n)]
+        self.pulls: list[RecordPull] = [RecordPull() for _ in range(n)]
+        self._published: dict[int, list[BroadcastRecord]] = {}
+        self.records = {"rq": 0, "rq_ids": 0, "push": 0, "pushed": 0, "new": 0, "stale": 0}
 
         # Records for the metrics.
         self.crashes: list[CrashRecord] = []
@@ -349,7 +421,10 @@ class Simulation:
                         self._deliver(dst, entry[4], entry[5])
                     else:
                         payload = entry[5]
-                        m.receive(payload if unpack is None else unpack(payload), entry[4], now)
+                        if type(payload) is tuple:
+                            self._on_record_msg(dst, m, entry[4], payload)
+                        else:
+                            m.receive(payload if unpack is None else unpack(payload), entry[4], now)
                         after(dst, m)
                 elif kind == _TIMER:
                     i = entry[3]
@@ -366,10 +441,8 @@ class Simulation:
                         self._receive(dst, m, entry[4], entry[5])
                     else:
                         dropped["down"] += 1
-                elif kind == _ACTION:
-                    entry[3]()
                 else:
-                    self._anti_entropy_event(kind, entry[3], entry[4], entry[5])
+                    entry[3]()
             else:
                 raise RuntimeError(f"event budget of {self.scenario.max_events} exhausted")
         finally:
@@ -400,8 +473,10 @@ class Simulation:
         self._receive(dst, m, src, payload)
 
     def _receive(self, dst: int, m: Membership, src: Addr, payload: Any) -> None:
-        body = wire.unpack(payload) if self.wire else payload
-        m.receive(body, src, self.now)
+        if type(payload) is tuple:
+            self._on_record_msg(dst, m, src, payload)
+        else:
+            m.receive(wire.unpack(payload) if self.wire else payload, src, self.now)
         self._after(dst, m)
 
     def _after(self, i: int, m: Membership, from_timer: bool = False) -> None:
@@ -414,11 +489,23 @@ class Simulation:
         ev = m.next_event()
         if ev is not None:
             self._drain(i, m, ev)
+        # The node's record pull: its requests, its retry timer (Node.get_timer).
+        pull = self.pulls[i]
+        now = self.now
+        if from_timer:
+            pull.retry(now, self._have_fn(i))
+        reqs = pull.requests()
+        if reqs:
+            id_index = self.id_index
+            for addr, ids in reqs:
+                self._send_record_msg(i, addr, (RQ, [id_index[x] for x in ids]), rq_size(ids))
         t = m.get_timer()
+        r = pull.next_retry()
+        if r is not None and (t is None or r < t):
+            t = r
         if t is None:
             self._armed[i] = -1
             return
-        now = self.now
         if from_timer:
             if t <= now:
                 self._spin[i] += 1
@@ -439,20 +526,28 @@ class Simulation:
         """Record ``ev`` and every further event the node has queued (bounded). Most are
         copies of items the node already has: those are skipped here, inline."""
         on_event = self._on_event
-        broadcasts = self.broadcasts
+        held = self.held[i]
+        pull = self.pulls[i]
+        id_index = self.id_index
         for _ in range(self._drain_cap):
             if type(ev) is Piggyback:
+                # Node._on_item: an announcement of a version we lack is pulled from the
+                # member that sent it (simulations.pull.RecordPull: Node._want).
                 item = ev.item
-                if item.get("k") == SIM_ITEM:
-                    rec = broadcasts.get(item.get("n", -1))
-                    if rec is not None and i not in rec.reached:
-                        self._first_reach(i, m, rec, item)
+                if item.get("k") == "v" and ev.addr is not None:
+                    nid = item["id"]
+                    seq = item["s"]
+                    if seq > held.get(id_index[nid], BASE_SEQ):
+                        pull.want(nid, seq, ev.addr, self.now)
+            elif type(ev) is SyncNeeded:
+                pull.sync_needed(ev.addr, ev.node_ids, self._have_fn(i), self.now)
             else:
                 on_event(i, m, ev)
             ev = m.next_event()
             if ev is None:
-                return
-        raise RuntimeError(f"node {i} produced more than {self._drain_cap} events at once")
+                break
+        else:
+            raise RuntimeError(f"node {i} produced more than {self._drain_cap} events at once")
 
     def _send(self, i: int, msg: dict[str, Any], dst_addr: Addr) -> None:
         self.msgs_sent[i] += 1
@@ -466,23 +561,39 @@ class Simulation:
         if self.wire:
             payload = wire.pack(msg)
             size = len(payload)
-            counted = size + ENVELOPE
+            counted = size + SWIM_OVERHEAD
         else:
             sample = self.scenario.bytes_sample
             if sample == 1:
                 size = len(self._pack(msg))
-                counted = size + ENVELOPE
+                counted = size + SWIM_OVERHEAD
             else:
                 self._byte_tick += 1
                 if self._byte_tick >= sample:
                     self._byte_tick = 0
                     size = len(self._pack(msg))
-                    counted = (size + ENVELOPE) * sample
+                    counted = (size + SWIM_OVERHEAD) * sample
         if size >= 0:
             self.bytes_sent[i] += counted
             ks[1] += counted
             if size > self.timing.max_packet:
                 self.oversize += 1
+        self._transmit(i, dst_addr, payload)
+
+    def _send_record_msg(self, i: int, dst_addr: Addr, payload: tuple[Any, ...], size: int) -> None:
+        """A node-level datagram of the record pull (``rq`` or ``push``), ``size`` sealed
+        bytes; the network treats it like any other datagram."""
+        kind = payload[0]
+        self.msgs_sent[i] += 1
+        self.bytes_sent[i] += size
+        ks = self.kind_stats.get(kind)
+        if ks is None:
+            ks = self.kind_stats[kind] = [0, 0]
+        ks[0] += 1
+        ks[1] += size
+        self._transmit(i, dst_addr, payload)
+
+    def _transmit(self, i: int, dst_addr: Addr, payload: Any) -> None:
         dst = self.addr_index.get(dst_addr)
         if dst is None:
             self.dropped["unknown_addr"] += 1
@@ -543,12 +654,45 @@ class Simulation:
         elif rec.first_suspect is None:
             rec.first_suspect = now
 
-    def _first_reach(
-        self, i: int, m: Membership, rec: BroadcastRecord, item: dict[str, Any]
-    ) -> None:
-        rec.reached[i] = self.now
-        # The owner re-broadcasts an item it accepted (the core's delegate model).
-        m.broadcast(item, b"sim:%d" % rec.bid)
+    def _have_fn(self, i: int) -> Callable[[bytes], int]:
+        """Node i's "seq of the record I hold" lookup, by node id."""
+        held, index = self.held[i], self.id_index
+        return lambda nid: held.get(index[nid], BASE_SEQ)
+
+    def _on_record_msg(self, i: int, m: Membership, src: Addr, payload: tuple[Any, ...]) -> None:
+        """The node-level half of the record pull, as ``Node`` does it: answer an ``rq``
+        with the records held (``Node._on_record_request`` / ``_push``); take a pushed
+        version newer than ours, set its version in the core (push-pull compares it), stop
+        wanting it and announce it in turn (``Node._offer_record``)."""
+        rs = self.records
+        if payload[0] == RQ:
+            owners = payload[1]
+            rs["rq"] += 1
+            rs["rq_ids"] += len(owners)
+            held = self.held[i]
+            recs = [(o, held.get(o, BASE_SEQ)) for o in owners]
+            sizes = push_sizes(len(recs))
+            k = 0
+            for size in sizes:
+                per = -(-len(recs) // len(sizes))
+                self._send_record_msg(i, src, (PUSH, recs[k : k + per]), size)
+                k += per
+            return
+        held = self.held[i]
+        for owner, seq in payload[1]:
+            rs["pushed"] += 1
+            if seq <= held.get(owner, BASE_SEQ) or owner == i:
+                rs["stale"] += 1
+                continue
+            rs["new"] += 1
+            held[owner] = seq
+            nid = self.ids[owner]
+            self.pulls[i].got(nid, seq)
+            m.set_version(nid, seq)
+            for rec in self._published.get(owner, ()):
+                if rec.seq <= seq and i not in rec.reached:
+                    rec.reached[i] = self.now
+            m.broadcast(*announcement(nid, seq))
 
     def _set_view(self, i: int, j: int, code: int) -> None:
         row = self.view[i]
@@ -608,12 +752,12 @@ class Simulation:
             # shared by every view; the loops run in C (map, deque) around the public
             # calls. add_member sees each node's own id too, which the core ignores.
             ids, addrs = self.ids, self.addrs
+            zeros = [0] * n
             for i in range(n):
                 m = self._new_core(i, 0)
-                deque(map(m.add_member, ids, addrs, repeat(0, n), repeat(0.0, n)), maxlen=0)
+                # The view rows below account for what MemberJoined events would say.
+                m.add_members(zip(ids, addrs, zeros, strict=True), 0.0, events=False)
                 calls += n
-                # Only MemberJoined events, which the view rows below account for.
-                deque(iter(m.next_event, None), maxlen=0)
                 self.nodes[i] = m
                 row = bytearray(b"\x01") * n
                 row[i] = UNKNOWN
@@ -624,7 +768,6 @@ class Simulation:
                 node = self.nodes[i]
                 assert node is not None
                 self._after(i, node)
-                self._schedule_anti_entropy(i)
         else:
             seeds = list(range(s.seeds))
             for i in seeds:
@@ -669,8 +812,10 @@ class Simulation:
         for v in known:
             if v.node_id != self.ids[j]:
                 m.add_member(v.node_id, v.addr, v.incarnation, self.now)
+        # Records this life starts with (its persisted store, or the seed's in a grant).
+        for owner, seq in self.held[j].items():
+            m.set_version(self.ids[owner], seq)
         self._after(j, m)
-        self._schedule_anti_entropy(j)
         return m
 
     def _seed_view(self, seed: Membership) -> list[MemberView]:
@@ -693,7 +838,13 @@ class Simulation:
         seed = None if seed_idx is None else self.nodes[seed_idx]
         if seed is not None:
             known = self._seed_view(seed)
+            if inc is None and seed_idx is not None:
+                # A first join's grant carries the seed's records; a restart keeps its own.
+                self.held[j] = dict(self.held[seed_idx])
         m = self._start(j, 0 if inc is None else inc, known)
+        # A (re)started node announces its record, which starts a sync (Node.announce).
+        m.sync(self.now)
+        self._after(j, m)
         if seed is not None and seed_idx is not None:
             seed.add_member(self.ids[j], self.addrs[j], m.incarnation, self.now)
             self._after(seed_idx, seed)
@@ -736,17 +887,25 @@ class Simulation:
         self._join(j, self.last_inc[j] + 1)
         self.watch(f"restart:{j}")
 
-    def inject(self, node: int, size: int, group: str = "") -> BroadcastRecord | None:
-        """Queue one opaque item at ``node`` and follow its spread."""
+    def publish(self, node: int, group: str = "") -> BroadcastRecord | None:
+        """``node`` publishes a new version of its record (``Node.announce``: seq + 1,
+        announce it, start-up sync: push-pull at once until two partners answered) and
+        the run follows where it is held."""
         m = self.nodes[node]
         if m is None:
             return None
+        held = self.held[node]
+        seq = held.get(node, BASE_SEQ) + 1
+        held[node] = seq
+        nid = self.ids[node]
         bid = len(self.broadcasts)
-        item = {"k": SIM_ITEM, "n": bid, "p": bytes(size)}
         observers = [i for i in range(self.n) if self.up[i]]
-        rec = BroadcastRecord(bid, node, self.now, observers, {node: self.now}, group)
+        rec = BroadcastRecord(bid, node, self.now, observers, {node: self.now}, group, seq)
         self.broadcasts[bid] = rec
-        m.broadcast(item, b"sim:%d" % bid)
+        self._published.setdefault(node, []).append(rec)
+        m.set_version(nid, seq)
+        m.broadcast(*announcement(nid, seq))
+        m.sync(self.now)
         self._after(node, m)
         return rec
 
@@ -791,7 +950,7 @@ class Simulation:
         for g, b in enumerate(s.broadcasts, 1):
             group = b.group or f"broadcast{g}"
             for k in range(b.count):
-                self.at(b.at + k * b.every, partial(self._inject_planned, b.node, b.size, group))
+                self.at(b.at + k * b.every, partial(self._publish_planned, b.node, group))
         t = 0.0
         for _ in range(int(s.duration / s.sample_interval) + 2):
             self.at(t, self._sample)
@@ -803,10 +962,10 @@ class Simulation:
         self._partitions.remove(entry)
         self.watch("partition_heal")
 
-    def _inject_planned(self, node: int | None, size: int, group: str) -> None:
+    def _publish_planned(self, node: int | None, group: str) -> None:
         i = node if node is not None and self.up[node] else self._pick_live()
         if i is not None:
-            self.inject(i, size, group)
+            self.publish(i, group)
 
     def _sample(self) -> None:
         if self.stop_when is not None and self.stop_when(self):
@@ -828,76 +987,3 @@ class Simulation:
                 "max_node_bytes": busiest,
             }
         )
-
-    # ------------------------------------------------------------------ anti-entropy
-
-    def _schedule_anti_entropy(self, i: int) -> None:
-        iv = self.scenario.anti_entropy.interval
-        if iv > 0:
-            self._push(self.now + self.ae_rng.uniform(0, iv), _AE_TICK, i, self.generation[i])
-
-    def _anti_entropy_event(self, kind: int, a: Any, b: Any, c: Any) -> None:
-        """Push-pull: A sends its view to B; B merges it and answers with its own; A merges.
-        It runs over a stream (TCP in memberlist), so loss is ignored but partitions and
-        crashes are not."""
-        if kind == _AE_TICK:
-            i, gen = a, b
-            m = self.nodes[i]
-            if m is None or self.generation[i] != gen:
-                return
-            self._push(self.now + self.scenario.anti_entropy.interval, _AE_TICK, i, gen)
-            ok: tuple[MemberState, ...] = (MemberState.ALIVE, MemberState.SUSPECT)
-            if self.scenario.anti_entropy.include_dead:
-                ok = (*ok, MemberState.DEAD)
-            views = m.members()
-            peers = [v for v in views[1:] if v.state in ok]
-            if not peers:
-                return
-            peer = self.id_index[self.ae_rng.choice(peers).node_id]
-            self.ae["exchanges"] += 1
-            self._ae_send(_AE_REQ, i, peer, self._state_items(views, self.ids[i]))
-        elif kind == _AE_REQ:
-            dst, src, items = a, b, c
-            m = self.nodes[dst]
-            if m is None:
-                self.ae["failed"] += 1
-                return
-            self._merge(dst, m, src, items)
-            self._ae_send(_AE_RESP, dst, src, self._state_items(m.members(), self.ids[dst]))
-        else:
-            dst, src, items = a, b, c
-            m = self.nodes[dst]
-            if m is None:
-                self.ae["failed"] += 1
-                return
-            self._merge(dst, m, src, items)
-
-    def _ae_send(self, kind: int, src: int, dst: int, items: list[dict[str, Any]]) -> None:
-        size = len(wire.pack(items))
-        self.bytes_sent[src] += size
-        self.ae["bytes"] += size
-        self.ae["items"] += len(items)
-        if (self._partitions and self._blocked(src, dst)) or not self.up[dst]:
-            self.ae["failed"] += 1
-            return
-        self._push(self.now + self._latency(), kind, dst, src, items)
-
-    @staticmethod
-    def _state_items(views: list[MemberView], sender: bytes) -> list[dict[str, Any]]:
-        """A view as membership items, the way memberlist's mergeState reads a remote
-        state: dead becomes suspect so that the accused can still refute."""
-        out: list[dict[str, Any]] = []
-        for v in views:
-            if v.state is MemberState.ALIVE:
-                a = wire.format_hostport(v.addr)
-                out.append({"k": "alive", "id": v.node_id, "inc": v.incarnation, "a": a})
-            elif v.state is MemberState.LEFT:
-                out.append({"k": "left", "id": v.node_id, "inc": v.incarnation})
-            else:
-                out.append({"k": "suspect", "id": v.node_id, "inc": v.incarnation, "by": sender})
-        return out
-
-    def _merge(self, dst: int, m: Membership, src: int, items: list[dict[str, Any]]) -> None:
-        for k in range(0, len(items), MAX_PIGGYBACK):
-            m.receive({"k": "gossip", "g": items[k : k + MAX_PIGGYBACK]}, self.addrs[src], self.now)
-        self._after(dst, m)

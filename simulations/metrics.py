@@ -16,9 +16,11 @@ from typing import Any
 
 from meshd.core.membership import (
     expected_confirmations,
+    push_pull_scale,
     retransmit_limit,
     suspicion_bounds,
 )
+from meshd.core.node import RECORD_WANT_RETRY
 from simulations.engine import BroadcastRecord, CrashRecord, Simulation
 
 #: Dissemination is reported at these fractions of the nodes live at injection.
@@ -69,6 +71,11 @@ def formulas(sim: Simulation) -> dict[str, Any]:
         "probe_interval_s": t.probe_interval,
         "probe_timeout_s": t.probe_timeout,
         "gossip_interval_s": t.gossip_interval,
+        "push_pull_interval_s": t.push_pull_interval,
+        # What each node actually waits between push-pulls at this size (pushPullScale).
+        "push_pull_interval_scaled_s": push_pull_scale(t.push_pull_interval, n),
+        "record_pull_retry_s": RECORD_WANT_RETRY,
+        "max_packet": t.max_packet,
         "lifeguard": t.lifeguard,
     }
 
@@ -189,7 +196,7 @@ def traffic(sim: Simulation) -> dict[str, Any]:
         "dropped": dict(sim.dropped),
         "oversize_packets": sim.oversize,
         "bytes_counted": counted,
-        "anti_entropy": dict(sim.ae),
+        "record_pull": dict(sim.records),
     }
 
 

@@ -27,9 +27,7 @@ STANDARD = (
     "loss10_500",
     "slow_nodes_500",
     "partition_200",
-    "partition_200_core",
     "dissemination_1000",
-    "dissemination_10000",
     "scale_10000_60s",
 )
 
@@ -89,31 +87,16 @@ class Slow:
 
 @dataclass(frozen=True)
 class Broadcast:
-    """Inject ``count`` opaque items, ``every`` seconds apart from ``at``, each at ``node``
-    (or a random live node); their spread is the dissemination metric. ``size`` is the
-    payload: the item packs to ``size + 15`` bytes (603 -> 618, a meshd record). Items
-    of one ``group`` are also summarised apart (default: ``broadcast<k>``, k from 1)."""
+    """``count`` record updates, ``every`` seconds apart from ``at``, each by ``node`` (or
+    a random live node): the node publishes its record at seq + 1 as ``Node.announce``
+    does, and the time until other nodes hold that version is the dissemination metric.
+    Updates of one ``group`` are also summarised apart (default: ``broadcast<k>``)."""
 
     at: float
     node: int | None = None
     count: int = 1
     every: float = 1.0
-    size: int = 64
     group: str = ""
-
-
-@dataclass(frozen=True)
-class AntiEntropy:
-    """A model of the agent's push-pull state sync, which the core does not have yet.
-
-    Every ``interval`` seconds each node exchanges its whole view with one random member
-    (DEAD ones included when ``include_dead``, as Serf's reconnect does), merged the way
-    memberlist's ``mergeState`` does: alive as alive, suspect and dead as suspect.
-    Off (``interval = 0``) unless a scenario asks for it.
-    """
-
-    interval: float = 0.0
-    include_dead: bool = True
 
 
 @dataclass(frozen=True)
@@ -134,7 +117,6 @@ class Scenario:
     partitions: tuple[Partition, ...] = ()
     slow: Slow = Slow()
     broadcasts: tuple[Broadcast, ...] = ()
-    anti_entropy: AntiEntropy = AntiEntropy()
     compare_lifeguard: bool = False
     wire: bool = False
     bytes_sample: int = 1
@@ -213,8 +195,6 @@ def parse(data: Mapping[str, Any], default_name: str = "scenario", where: str = 
     )
     if "slow" in top:
         kw["slow"] = _build(Slow, top.pop("slow"), "slow", where)
-    if "anti_entropy" in top:
-        kw["anti_entropy"] = _build(AntiEntropy, top.pop("anti_entropy"), "anti_entropy", where)
     for key in (
         "compare_lifeguard",
         "wire",
@@ -295,7 +275,5 @@ def _validate(s: Scenario, where: str = "") -> None:
     for b in s.broadcasts:
         need(b.count >= 1 and b.every > 0, "broadcast needs count >= 1 and every > 0")
         need(b.node is None or 0 <= b.node < s.nodes, f"broadcast node {b.node} out of range")
-        need(0 <= b.size <= 900, "broadcast size must be in [0, 900] bytes (one packet)")
         need(isinstance(b.group, str), "broadcast group must be a string")
-    need(s.anti_entropy.interval >= 0, "anti_entropy.interval must not be negative")
     s.build_timing()  # raises on a bad [timing] key or value

@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from meshd.core.membership import retransmit_limit, suspicion_bounds
+from meshd.core.membership import push_pull_scale, retransmit_limit, suspicion_bounds
+from meshd.core.node import RECORD_WANT_RETRY, RECORD_WANT_TRIES
 from simulations import metrics, scenario
 from simulations.engine import Simulation
 from simulations.scenario import Scenario, ScenarioError
@@ -41,12 +42,12 @@ def small_mixed() -> Scenario:
     """A bit of everything the engine does, small enough to run several times."""
     return make(
         nodes=60,
-        duration=40.0,
-        crash=[{"at": 5.0, "restart_at": 25.0}],
+        duration=30.0,
+        crash=[{"at": 5.0, "restart_at": 22.0}],
         partition=[{"start": 8.0, "end": 14.0, "fraction": 0.2, "one_way": True}],
         slow={"count": 3, "delay_min": 0.3, "delay_max": 0.9},
         broadcast=[{"at": 3.0, "count": 3, "every": 4.0}],
-        anti_entropy={"interval": 10.0},
+        timing={"push_pull_interval": 5.0},
     )
 
 
@@ -90,7 +91,6 @@ def test_join_through_seeds_completes_every_view() -> None:
         nodes=150,
         duration=40.0,
         bootstrap={"mode": "seeds", "seeds": 3, "join_window": 5.0},
-        anti_entropy={"interval": 10.0},
     )
     sim = Simulation(sc, seed=9)
     sim.stop_when = lambda s: all(w.done_at is not None for w in s.watches) and s.now > 5.0
@@ -137,10 +137,18 @@ def detection_bound(sc: Scenario, k_periods: int = 10) -> tuple[float, float]:
 
 @pytest.fixture(scope="module")
 def crash_300() -> tuple[Scenario, dict[str, Any]]:
+    """Runs until every observer has buried the victim (or the bound has passed)."""
     base = make(nodes=300, duration=1.0, crash=[{"at": 5.0}])
     bound = detection_bound(base)[1]
     sc = base.with_overrides(duration=5.0 + math.ceil(bound))
-    return sc, run(sc, seed=11)[1]
+    sim = Simulation(sc, seed=11)
+
+    def buried(s: Simulation) -> bool:
+        return bool(s.crashes) and len(s.crashes[0].dead_at) == len(s.crashes[0].observers)
+
+    sim.stop_when = buried
+    sim.run()
+    return sc, metrics.result(sim)
 
 
 def test_crash_detected_by_everyone_within_the_formula_bound(
@@ -182,9 +190,6 @@ def test_no_live_node_declared_dead_at_ten_percent_loss() -> None:
 
 # -------------------------------------------------------------------- dissemination
 
-#: A payload that packs to a 618-byte item: the size of an encoded meshd record.
-RECORD_PAYLOAD = 603
-
 
 def gossip_rounds(n: int, fanout: int, slack: int = 3) -> int:
     """Gossip rounds until all ``n`` nodes hold an item, with margin. Push gossip to
@@ -197,31 +202,38 @@ def gossip_rounds(n: int, fanout: int, slack: int = 3) -> int:
     return math.ceil(grow) + math.ceil(tail) + slack
 
 
-def test_records_reach_every_node_within_the_gossip_bound() -> None:
-    """618-byte records (one per packet) spread by gossip alone, each receiver passing
-    it on (the delegate model), within the rounds push gossip needs: while small items
-    keep every queue busy (gossip paced at one round per interval, random phases) and
-    into a quiet cluster (a node with an empty queue sends a new item at once). No node
-    ever sends more than memberlist's gossip budget in a second."""
+def test_record_updates_reach_every_node_within_the_gossip_bound() -> None:
+    """Record updates (announced, then pulled from the announcer, as the node does) are
+    held by 90% of the nodes within the rounds push gossip needs, and by every node
+    within that plus the pull's retries (a lost rq or push is asked again after
+    RECORD_WANT_RETRY): while other updates keep every queue busy (gossip paced at one
+    round per interval, random phases) and into a quiet cluster. No node ever sends
+    more than memberlist's gossip budget in a second."""
     sc = make(
         nodes=300,
-        duration=20.0,
+        duration=18.0,
         broadcast=[
-            {"group": "background", "at": 0.5, "count": 20, "every": 0.5},
-            {"group": "busy", "at": 2.1, "count": 3, "every": 2.5, "size": RECORD_PAYLOAD},
-            {"group": "idle", "at": 13.0, "count": 2, "every": 3.0, "size": RECORD_PAYLOAD},
+            {"group": "background", "at": 0.5, "count": 16, "every": 0.5},
+            {"group": "busy", "at": 2.1, "count": 3, "every": 2.5},
+            {"group": "idle", "at": 12.0, "count": 2, "every": 2.0},
         ],
     )
     r = run(sc, seed=21)[1]
     t = sc.build_timing()
     bound = gossip_rounds(sc.nodes, t.gossip_nodes) * t.gossip_interval
+    retries = (RECORD_WANT_TRIES - 1) * RECORD_WANT_RETRY
     groups = r["dissemination"]["groups"]
-    assert [groups[g]["items"] for g in ("background", "busy", "idle")] == [20, 3, 2]
+    assert [groups[g]["items"] for g in ("background", "busy", "idle")] == [16, 3, 2]
     for g in groups.values():
         assert g["coverage_min"] == 1.0
+        assert g["t90_s"]["max"] <= bound
         assert g["t100_s"]["missing"] == 0
-        assert g["t100_s"]["max"] <= bound
+        assert g["t100_s"]["max"] <= bound + retries
     tr = r["traffic"]
+    pulls = tr["record_pull"]
+    # Every node but the publisher pulled each update about once (some twice: a retry
+    # whose first answer was only late, or two announcers asked at once).
+    assert 21 * (sc.nodes - 1) <= pulls["pushed"] <= 1.3 * 21 * (sc.nodes - 1)
     assert tr["oversize_packets"] == 0
     assert 0 < tr["peak_node_bytes_per_s"] <= tr["memberlist_gossip_budget_bytes_per_s"]
 
@@ -229,32 +241,31 @@ def test_records_reach_every_node_within_the_gossip_bound() -> None:
 # ----------------------------------------------------------------------- partitions
 
 
-def test_partition_heals_with_push_pull() -> None:
-    """Half of 200 nodes cut off for 60 s: each side buries the other. After the heal,
-    push-pull (the agent model: every ``interval`` seconds with a random member, DEAD
-    ones included) must bring every view back within two intervals plus one maximal
-    suspicion (a refutation may wait for a second exchange and for gossip)."""
-    interval = 20.0
+def test_partition_heals_within_one_push_pull_interval() -> None:
+    """Half of 100 nodes cut off for 30 s: each side buries the other. After the heal,
+    the core's push-pull (partners drawn from DEAD members too) must bring every view
+    back within one push-pull interval (as scaled for the cluster size). The interval
+    is shortened from the LAN 30 s to keep the test short; partition_200 runs the goal
+    (a 60 s cut of 200 nodes, 30 s push-pull)."""
     sc = make(
-        nodes=200,
+        nodes=100,
         duration=1.0,
-        partition=[{"start": 5.0, "end": 65.0}],
-        anti_entropy={"interval": interval},
+        partition=[{"start": 5.0, "end": 35.0}],
+        timing={"push_pull_interval": 5.0},
     )
-    high = suspicion_bounds(sc.build_timing(), sc.nodes)[1]
-    bound = 2 * interval + high
-    sc = sc.with_overrides(duration=65.0 + bound)
+    interval = push_pull_scale(sc.build_timing().push_pull_interval, sc.nodes)
+    sc = sc.with_overrides(duration=35.0 + interval)
     sim = Simulation(sc, seed=5)
-    sim.stop_when = lambda s: s.now > 65.0 and all(w.done_at is not None for w in s.watches)
+    sim.stop_when = lambda s: s.now > 35.0 and all(w.done_at is not None for w in s.watches)
     sim.run()
     r = metrics.result(sim)
     # During the cut each side declared the other DEAD (the test means something)...
     peak = max(x["dead_pairs"] for x in r["timeseries"])
-    assert peak >= 0.9 * 2 * 100 * 100
+    assert peak >= 0.9 * 2 * 50 * 50
     # ...and after it every live node sees every other live node ALIVE again.
     (w,) = r["convergence"]["watches"]
     assert w["label"] == "partition_heal"
-    assert w["complete_after_s"] is not None and w["complete_after_s"] <= bound
+    assert w["complete_after_s"] is not None and w["complete_after_s"] <= interval
     assert r["false_positives"]["dead"]["outside_partitions"] == 0
 
 
