@@ -30,7 +30,7 @@ from meshd.core.wgplan import (
 from meshd.core.wire import format_hostport
 from meshd.wg import link
 from meshd.wg.base import BackendUnavailable, InterfaceConfig, WireGuardBackend, WireGuardError
-from meshd.wg.uapi import DeviceState, clamp
+from meshd.wg.uapi import DeviceState, device_changes
 
 
 def _b64(raw: bytes) -> str:
@@ -199,23 +199,19 @@ class KernelBackend(WireGuardBackend):
 
     async def configure(self, config: InterfaceConfig) -> int:
         self.config = config
-        dev = await self._dump()
-        key = clamp(config.private_key)
+        key, port = device_changes(await self._dump(), config)
         change: dict[str, Any] = {}
-        if dev.private_key != key:
+        if key is not None:
             change["private_key"] = _b64(key)
-        if config.listen_port and dev.listen_port != config.listen_port:
-            change["listen_port"] = config.listen_port
+        if port is not None:
+            change["listen_port"] = port
         writes = 0
         if change:
             async with self._wg() as wg:
                 await wg.set(self.interface, **change)
             self.stats.device_writes += 1
-            writes += 1
-        async with link.iproute(self.netns) as ipr:
-            n = await link.setup_link(ipr, config)
-        self.stats.link_writes += n
-        return writes + n
+            writes = 1
+        return writes + await link.configure_link(self.netns, config, self.stats)
 
     async def peers(self) -> dict[bytes, PeerStatus]:
         return (await self._dump()).peers

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from meshd.wg.base import InterfaceConfig, WireGuardError
+from meshd.wg.base import BackendStats, InterfaceConfig, WireGuardError
 
 IFF_UP = 0x1
 MAIN_TABLE = 254
@@ -132,3 +132,11 @@ async def setup_link(ipr: Any, config: InterfaceConfig) -> int:
         await ipr.route("replace", dst=str(net), oif=index, proto=RTPROT_STATIC)
         writes += 1
     return writes
+
+
+async def configure_link(netns: str | None, config: InterfaceConfig, stats: BackendStats) -> int:
+    """:func:`setup_link` in ``netns`` over a fresh rtnetlink socket, counted in ``stats``."""
+    async with iproute(netns) as ipr:
+        n = await setup_link(ipr, config)
+    stats.link_writes += n
+    return n

@@ -27,7 +27,7 @@ from meshd.core.wgplan import (
     endpoint_or_none,
     normalize_cidr,
 )
-from meshd.wg.base import WireGuardError
+from meshd.wg.base import InterfaceConfig, WireGuardError
 
 SOCKET_DIR = "/var/run/wireguard"
 #: A get of 1,000 peers is ~400 KB; refuse anything absurd rather than buffer it.
@@ -59,6 +59,17 @@ class DeviceState:
     listen_port: int = 0
     fwmark: int = 0
     peers: dict[bytes, PeerStatus] = field(default_factory=dict)
+
+
+def device_changes(dev: DeviceState, config: InterfaceConfig) -> tuple[bytes | None, int | None]:
+    """The private key and listen port to write so that ``dev`` matches ``config``; None
+    where it already does (both backends write only what differs: idempotent setup)."""
+    key = clamp(config.private_key)
+    port = config.listen_port
+    return (
+        key if dev.private_key != key else None,
+        port if port and dev.listen_port != port else None,
+    )
 
 
 # ---------------------------------------------------------------------------- codec

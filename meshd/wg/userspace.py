@@ -36,7 +36,14 @@ from meshd.core.crypto import WireGuardKey
 from meshd.core.wgplan import PeerOp, PeerStatus
 from meshd.wg import link
 from meshd.wg.base import InterfaceConfig, WireGuardBackend, WireGuardError, cancel_and_wait
-from meshd.wg.uapi import SOCKET_DIR, UapiClient, clamp, encode_device, encode_ops, socket_path
+from meshd.wg.uapi import (
+    SOCKET_DIR,
+    UapiClient,
+    device_changes,
+    encode_device,
+    encode_ops,
+    socket_path,
+)
 
 log = structlog.get_logger("meshd.wg")
 
@@ -118,25 +125,14 @@ class UserspaceBackend(WireGuardBackend):
 
     async def configure(self, config: InterfaceConfig) -> int:
         self.config = config
-        dev = await self.uapi.get()
-        key = clamp(config.private_key)
-        lines = encode_device(
-            private_key=key if dev.private_key != key else None,
-            listen_port=(
-                config.listen_port
-                if config.listen_port and dev.listen_port != config.listen_port
-                else None
-            ),
-        )
+        key, port = device_changes(await self.uapi.get(), config)
+        lines = encode_device(private_key=key, listen_port=port)
         writes = 0
         if lines:
             await self.uapi.set(lines)
             self.stats.device_writes += 1
-            writes += 1
-        async with link.iproute(self.netns) as ipr:
-            n = await link.setup_link(ipr, config)
-        self.stats.link_writes += n
-        return writes + n
+            writes = 1
+        return writes + await link.configure_link(self.netns, config, self.stats)
 
     async def peers(self) -> dict[bytes, PeerStatus]:
         return (await self.uapi.get()).peers
