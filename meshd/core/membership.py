@@ -404,6 +404,7 @@ class _PPSession:
     nb: int
     expires: float
     answered: bool = False
+    sync: bool = False  # started by :meth:`Membership.sync`
 
 
 _Key = tuple[int, bytes]
@@ -558,7 +559,6 @@ class Membership:
         self._sync_left = 0  # start-up sync: attempts left, next attempt, answers still wanted
         self._sync_at = now
         self._sync_wanted = 0
-        self._sync_sids: set[int] = set()
         self._queue_self_alive()
 
     # --------------------------------------------------------------------- properties
@@ -718,7 +718,8 @@ class Membership:
         A partner whose view already equals ours sends nothing back, which counts as no
         answer: the retries are bounded and each costs one digest datagram."""
         self._sync_left, self._sync_wanted, self._sync_at = SYNC_ATTEMPTS, SYNC_ANSWERS, now
-        self._sync_sids.clear()
+        for session in self._pp_sessions.values():  # an earlier sync's answers count no more
+            session.sync = False
         self._sync_step(now)
 
     def _sync_step(self, now: float) -> None:
@@ -726,7 +727,7 @@ class Membership:
         self._sync_at = now + self.timing.probe_interval
         sid = self._start_push_pull(now, None)
         if sid is not None:
-            self._sync_sids.add(sid)
+            self._pp_sessions[sid].sync = True
 
     def receive(self, body: dict[str, Any], addr: Addr, now: float) -> None:
         """Handle one decrypted, decoded message; malformed input is counted in ``drops``.
@@ -1298,8 +1299,7 @@ class Membership:
             if not session.answered:
                 session.answered = True
                 self._send_entries(2, sid, session.nb, buckets, addr)
-                if sid in self._sync_sids:
-                    self._sync_sids.discard(sid)
+                if session.sync:
                     self._sync_wanted -= 1
                     if self._sync_wanted <= 0:
                         self._sync_left = 0
