@@ -41,8 +41,7 @@ from meshd.core.naming import Conflict, ZoneView
 from meshd.core.node import Node
 from meshd.core.paths import PathChanged
 from meshd.core.wire import Addr, format_hostport, split_hostport
-from meshd.dns import DnsConfig, DnsServer, default_upstreams, listen_addresses
-from meshd.dns import _bind as bind_socket
+from meshd.dns import DnsConfig, DnsServer, bind_socket, default_upstreams, listen_addresses
 from meshd.state import DataDir, atomic_write
 from meshd.wg.dataplane import DataPlane
 

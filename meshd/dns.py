@@ -658,10 +658,10 @@ class DnsServer:
         loop = asyncio.get_running_loop()
         for host, port in addrs:
             try:
-                usock = _bind(host, port, socket.SOCK_DGRAM)
+                usock = bind_socket(host, port, socket.SOCK_DGRAM)
                 try:
                     port = usock.getsockname()[1]  # a port 0 request: TCP on the same one
-                    tsock = _bind(host, port, socket.SOCK_STREAM)
+                    tsock = bind_socket(host, port, socket.SOCK_STREAM)
                 except OSError:
                     usock.close()
                     raise
@@ -786,7 +786,7 @@ class _UdpListener:
 _IP_FREEBIND: Final = 15  # Linux; also honoured by IPv6 sockets
 
 
-def _bind(host: str, port: int, kind: int) -> socket.socket:
+def bind_socket(host: str, port: int, kind: int) -> socket.socket:
     """A bound, non-blocking socket. Non-loopback addresses are bound with IP_FREEBIND,
     so the overlay addresses can be bound before the WireGuard interface has them."""
     ip = ipaddress.ip_address(host.split("%", 1)[0])
