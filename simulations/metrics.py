@@ -20,7 +20,7 @@ from meshd.core.membership import (
     retransmit_limit,
     suspicion_bounds,
 )
-from meshd.core.node import RECORD_WANT_RETRY
+from meshd.core.pull import RECORD_WANT_RETRY
 from simulations.engine import BroadcastRecord, CrashRecord, Simulation
 
 #: Dissemination is reported at these fractions of the nodes live at injection.

@@ -59,6 +59,7 @@ from meshd.core.membership import (
     Timing,
 )
 from meshd.core.paths import GossipPaths, Observed, PathChanged, PathPolicy
+from meshd.core.pull import MAX_RECORD_REQUEST, RecordPull
 from meshd.core.records import DEFAULT_WG_PORT, Merge, PeerRecord, RecordStore, sign_record
 from meshd.core.wire import Addr, DropReason, Keyring, Kind, RandomBytes, WireError
 
@@ -85,19 +86,6 @@ GOSSIP_MTU: Final = 1_152
 SWIM_WRAP: Final = 10
 #: Body budget handed to the membership core.
 SWIM_BUDGET: Final = GOSSIP_MTU - wire.SEALED_OVERHEAD - SWIM_WRAP
-#: Records asked for in one ``rq`` datagram (a push-pull answer names at most 128).
-MAX_RECORD_REQUEST: Final = 128
-#: A record asked for and not received is asked for again after this long (and one
-#: announced again is not asked for sooner). memberlist's LAN probe timeout, the round
-#: trip it allows a member: in the simulator a lost pull waiting 1 s for its retry set
-#: the 99.99 % tail of a record's spread at 10,000 nodes (2.6 s; 1.6 s at 0.5 s).
-RECORD_WANT_RETRY: Final = 0.5
-#: How often one record is asked for before waiting for the next announcement or
-#: push-pull: a request or its answer is lost at random now and then, and a member whose
-#: view lacks records suspects with a short timeout and is gossiped to by few.
-RECORD_WANT_TRIES: Final = 5
-#: Records being asked for that are remembered (oldest forgotten first).
-MAX_WANTED: Final = 4_096
 
 
 class Op(enum.Enum):
@@ -266,8 +254,7 @@ class Node:
         self._now = now
         #: Records asked for, oldest request first: node id -> (seq announced, when
         #: asked, whom, requests so far).
-        self._wanted: OrderedDict[bytes, tuple[int, float, Addr, int]] = OrderedDict()
-        self._want_batch: dict[Addr, list[bytes]] = {}
+        self._pull = RecordPull()
         #: Persisted SWIM states applied as the restored records are vouched for.
         self._restored = view or {}
         #: While the constructor replays persisted or granted state nothing is re-gossiped.
@@ -374,8 +361,8 @@ class Node:
             if t is not None:
                 times.append(t)
         times.extend(exp for exp, _ in self._token_ok.values())
-        if self._wanted:
-            times.append(next(iter(self._wanted.values()))[1] + RECORD_WANT_RETRY)
+        if (t := self._pull.next_retry()) is not None:
+            times.append(t)
         if self._replies:
             times.append(next(iter(self._replies.values()))[0] + REPLY_CACHE_TTL)
         return min(times) if times else None
@@ -406,7 +393,7 @@ class Node:
         # (the member is held down there, so datagrams_to_send routes them so).
         self._out.extend(self.paths.handle_timer(now))
         self.swim.handle_timer(now)
-        self._retry_wanted(now)
+        self._pull.retry(now, self._held)
         self._swim_events(now)
         for rid, p in list(self._pending.items()):
             if p.next_try > now:
@@ -760,9 +747,7 @@ class Node:
             # The block lease inside the admission replicates with the record.
             self._count(self._offer_lease, rec.admission.lease.blob)
             self._vouch(rec, now)
-            want = self._wanted.get(rec.node_id)
-            if want is not None and want[0] <= rec.seq:
-                del self._wanted[rec.node_id]
+            self._pull.got(rec.node_id, rec.seq)
             if not self._restoring:
                 self._broadcast_record(rec)
 
@@ -792,32 +777,10 @@ class Node:
         whole, 100 joins meant 1,200 full-size sends per node, a minute of gossip."""
         self.swim.broadcast({"k": "v", "id": rec.node_id, "s": rec.seq}, b"r" + rec.node_id)
 
-    def _want(self, nid: bytes, seq: int, addr: Addr, now: float, tries: int = 1) -> None:
-        """Ask ``addr`` for a record, at most once per ``RECORD_WANT_RETRY`` per version;
-        :meth:`_retry_wanted` asks again if it does not arrive."""
-        prev = self._wanted.get(nid)
-        if prev is not None and prev[0] >= seq and now - prev[1] < RECORD_WANT_RETRY:
-            return
-        if prev is not None and prev[0] >= seq:
-            tries = max(tries, prev[3] + 1)
-        self._wanted[nid] = (max(seq, prev[0]) if prev else seq, now, addr, tries)
-        self._wanted.move_to_end(nid)
-        if len(self._wanted) > MAX_WANTED:
-            self._wanted.popitem(last=False)
-        self._want_batch.setdefault(addr, []).append(nid)
-
-    def _retry_wanted(self, now: float) -> None:
-        """Ask again for records requested ``RECORD_WANT_RETRY`` ago that did not come,
-        up to ``RECORD_WANT_TRIES`` times (oldest first: O(1) when nothing is due)."""
-        wanted = self._wanted
-        while wanted:
-            nid, (seq, asked, addr, tries) = next(iter(wanted.items()))
-            if asked + RECORD_WANT_RETRY > now:
-                break
-            del wanted[nid]
-            have = self.store.get(nid)
-            if tries < RECORD_WANT_TRIES and (have is None or have.seq < seq):
-                self._want(nid, seq, addr, now, tries + 1)
+    def _held(self, nid: bytes) -> int:
+        """The version of ``nid``'s record we hold (0: none)."""
+        rec = self.store.get(nid)
+        return 0 if rec is None else rec.seq
 
     def _offer_lease(self, blob: SignedBlob) -> None:
         merge, lease = self.store.offer_lease(blob)
@@ -838,9 +801,7 @@ class Node:
             if isinstance(ev, Piggyback):
                 self._count(self._on_item, ev.item, ev.addr, now)
             elif isinstance(ev, SyncNeeded):
-                for nid in ev.node_ids:  # newer than ours: one seq beyond what we hold
-                    have = self.store.get(nid)
-                    self._want(nid, 1 if have is None else have.seq + 1, ev.addr, now)
+                self._pull.sync_needed(ev.addr, ev.node_ids, self._held, now)
             elif isinstance(ev, Refuted):
                 self.dirty = True  # the new incarnation is on disk before it is sent
                 self._events.append(ev)
@@ -861,11 +822,8 @@ class Node:
                 ):
                     self.paths.down(ev.node_id)  # its tunnel is being removed
                 self._events.append(ev)
-        for addr, ids in self._want_batch.items():
-            for i in range(0, len(ids), MAX_RECORD_REQUEST):
-                batch = ids[i : i + MAX_RECORD_REQUEST]
-                self._out.append((self._seal({"t": "rq", "ids": batch}), addr))
-        self._want_batch.clear()
+        for addr, batch in self._pull.requests():
+            self._out.append((self._seal({"t": "rq", "ids": batch}), addr))
 
     def _on_item(self, item: dict[str, Any], src: Addr | None, now: float) -> None:
         kind = item.get("k")
@@ -874,7 +832,7 @@ class Node:
             seq = wire.int_field(item, "s")
             have = self.store.get(nid)
             if (have is None or have.seq < seq) and src is not None:
-                self._want(nid, seq, src, now)
+                self._pull.want(nid, seq, src, now)
         elif kind == "lease":
             self._offer_lease(SignedBlob.from_wire(item.get("l"), "lease"))
         else:

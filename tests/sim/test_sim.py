@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from meshd.core.membership import push_pull_scale, retransmit_limit, suspicion_bounds
-from meshd.core.node import RECORD_WANT_RETRY, RECORD_WANT_TRIES
+from meshd.core.pull import RECORD_WANT_RETRY, RECORD_WANT_TRIES
 from simulations import metrics, scenario
 from simulations.engine import Simulation
 from simulations.scenario import Scenario, ScenarioError

@@ -16,7 +16,8 @@ from meshd import persist
 from meshd.cli import CliError, Options, resolve_timing
 from meshd.core import wire
 from meshd.core.membership import PROFILES, MemberState, suspicion_bounds
-from meshd.core.node import GOSSIP_MTU, RECORD_WANT_RETRY, RECORD_WANT_TRIES, Node
+from meshd.core.node import GOSSIP_MTU, Node
+from meshd.core.pull import RECORD_WANT_RETRY, RECORD_WANT_TRIES
 from meshd.core.records import sign_record
 from meshd.core.wire import DropReason
 from meshd.state import DataDir
