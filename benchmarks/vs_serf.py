@@ -13,8 +13,23 @@ What is measured, per cluster:
    meshd once ``meshd run`` serves a node that ``meshd join`` admitted) until
    every agent counts N members, all alive (Serf RPC ``stats``: members - failed
    - left; meshd ``GET /v1/status``: ``members.alive`` and ``member_count``).
-   ``launch_to_converged_s`` counts from the spawn of the last process instead (it
-   includes start-up: Python imports for meshd, which dominate on a small machine).
+   ``launch_to_converged_s`` counts from the start of the last agent instead (Serf:
+   the spawn of ``serf agent -join``; meshd: the start of its ``meshd join`` when
+   agents start a few at a time, the spawn of the last ``meshd run`` when all start
+   at once). It includes start-up: Python imports for meshd, which dominate on a
+   small machine.
+
+   **Start-up.** By default at most ``--start-concurrency`` (the CPU count) agents
+   start at once, each counted as starting until it answers with another member:
+   one agent per host is what a deployment looks like, and 100 Python agents
+   importing at once on 2 CPUs (about 0.3 s of CPU each) starve each other for tens
+   of seconds, which turns start-up into a measure of CPU starvation (probes time out
+   against agents that have no CPU). ``--start-concurrency 0`` spawns every agent at
+   once (meshd: after all the joins, 4 at a time), as earlier versions did. A meshd
+   agent is admitted by ``meshd join`` (the leader leases its block and gossips its
+   record) before ``meshd run`` starts, so when agents start one by one the others
+   already list it, alive, by the time it answers: its convergence after it is up is
+   often 0.
 2. **dissemination**, twice:
    *agent-stamped*: Serf: a user event (RPC ``event``, no coalescing) sent to one
    agent, until every agent's event handler has run; the handler stamps the time
@@ -141,7 +156,13 @@ class Settings:
     start_timeout_s: float = 240.0  # all agents up and converged
     update_timeout_s: float = 60.0
     failure_timeout_s: float = 120.0
-    join_concurrency: int = 4  # concurrent `meshd join` commands
+    join_concurrency: int = 4  # concurrent `meshd join` commands (all-at-once start only)
+    #: Agents starting at once: an agent counts as starting from its spawn (meshd: from
+    #: its `meshd join`) until it answers with another member in its counts. The default,
+    #: the machine's CPU count, keeps one host's start-up from being slowed by dozens of
+    #: other agents starting on the same CPUs (one agent per host is what a deployment
+    #: looks like); 0 spawns every agent at once (meshd: after all the joins).
+    start_concurrency: int = field(default_factory=lambda: os.cpu_count() or 2)
     #: Run the meshd agents from this commit (a `git archive` export in the temporary
     #: directory) instead of the checkout, whose files may change during a long run.
     meshd_commit: str | None = None
@@ -395,9 +416,12 @@ class Cluster:
     system: str = ""
     prefix: str = ""
 
-    def __init__(self, root: Path, n: int, procs: Processes, ports: PortPool) -> None:
+    def __init__(
+        self, root: Path, n: int, procs: Processes, ports: PortPool, start_concurrency: int = 0
+    ) -> None:
         self.root = root
         self.n = n
+        self.start_concurrency = start_concurrency
         self.procs = procs
         self.ports = ports
         self.names = [f"{self.prefix}{i}" for i in range(n)]
@@ -407,6 +431,36 @@ class Cluster:
     async def launch(self) -> float:
         """Start all agents; return the monotonic time right after the last spawn."""
         raise NotImplementedError
+
+    async def start_staggered(
+        self, names: Sequence[str], start: Callable[[str], Awaitable[None]], concurrency: int
+    ) -> float:
+        """Start ``names`` with at most ``concurrency`` of them starting at once: each
+        ``start(name)`` (which spawns it; meshd: joins, then spawns) then waits until it
+        answers with another member in its counts. The monotonic time of the last
+        ``start`` call (Serf: the spawn of an agent that joins; meshd: its `meshd join`)."""
+        sem = asyncio.Semaphore(concurrency)
+        last = time.monotonic()
+
+        async def one(name: str) -> None:
+            nonlocal last
+            async with sem:
+                last = max(last, time.monotonic())
+                await start(name)
+                await wait_until(lambda: self.joined(name), 60.0, f"{self.system} agent {name}")
+
+        await asyncio.gather(*(one(name) for name in names))
+        return last
+
+    async def joined(self, name: str) -> bool:
+        """The agent answers and counts another member."""
+        if not self.procs.alive(self.pids[name]):
+            raise RuntimeError(f"{self.system} agent {name} exited; see {self.logs[name]}")
+        try:
+            counts = await asyncio.wait_for(self.counts(name), REQUEST_TIMEOUT_S)
+        except (OSError, ConnectionError, TimeoutError, aiohttp.ClientError, ValueError):
+            return False
+        return counts.total >= 2
 
     async def counts(self, name: str) -> Counts:
         """The named agent's member counts (raises if it does not answer)."""
@@ -451,8 +505,10 @@ class SerfCluster(Cluster):
     system = "serf"
     prefix = "s"
 
-    def __init__(self, root: Path, n: int, procs: Processes, ports: PortPool) -> None:
-        super().__init__(root, n, procs, ports)
+    def __init__(
+        self, root: Path, n: int, procs: Processes, ports: PortPool, start_concurrency: int = 0
+    ) -> None:
+        super().__init__(root, n, procs, ports, start_concurrency)
         self.serf = shutil.which("serf") or "/usr/bin/serf"
         self.bind = {name: ports.take(tcp=True, udp=True) for name in self.names}
         self.rpc_port = {name: ports.take(tcp=True) for name in self.names}
@@ -479,8 +535,14 @@ class SerfCluster(Cluster):
         self.pids[seed] = self.procs.spawn(self._argv(seed, None), self.logs[seed]).pid
         await wait_until(lambda: self.answers(seed), 20.0, f"serf agent {seed} RPC")
         join = f"{LOOPBACK}:{self.bind[seed]}"
-        for name in self.names[1:]:
+
+        async def start(name: str) -> None:
             self.pids[name] = self.procs.spawn(self._argv(name, join), self.logs[name]).pid
+
+        if self.start_concurrency > 0:
+            return await self.start_staggered(self.names[1:], start, self.start_concurrency)
+        for name in self.names[1:]:
+            await start(name)
         return time.monotonic()
 
     async def counts(self, name: str) -> Counts:
@@ -549,8 +611,9 @@ class MeshdCluster(Cluster):
         ports: PortPool,
         join_concurrency: int,
         src: Path | None = None,
+        start_concurrency: int = 0,
     ) -> None:
-        super().__init__(root, n, procs, ports)
+        super().__init__(root, n, procs, ports, start_concurrency)
         self.join_concurrency = join_concurrency
         # `python -m meshd` runs in ``root`` (not in the checkout, which would come first
         # on sys.path), from ``src`` when given.
@@ -617,17 +680,28 @@ class MeshdCluster(Cluster):
         sem = asyncio.Semaphore(self.join_concurrency)
 
         async def join(name: str) -> None:
-            async with sem:
-                t0 = time.perf_counter()
-                await self._meshd(
-                    "join", "--data-dir", str(self.datadir(name)), "--name", name,
-                    "--listen", f"{LOOPBACK}:{self.udp[name]}",
-                    "--seed", f"{LOOPBACK}:{self.udp[seed]}", "--token", token.strip(),
-                    "--timeout", "30s",
-                )  # fmt: skip
-                self.join_ms.append((time.perf_counter() - t0) * 1000)
+            t0 = time.perf_counter()
+            await self._meshd(
+                "join", "--data-dir", str(self.datadir(name)), "--name", name,
+                "--listen", f"{LOOPBACK}:{self.udp[name]}",
+                "--seed", f"{LOOPBACK}:{self.udp[seed]}", "--token", token.strip(),
+                "--timeout", "30s",
+            )  # fmt: skip
+            self.join_ms.append((time.perf_counter() - t0) * 1000)
 
-        await asyncio.gather(*(join(name) for name in self.names[1:]))
+        if self.start_concurrency > 0:  # `meshd up` host by host: join, then run
+
+            async def start(name: str) -> None:
+                await join(name)
+                self._spawn_run(name)
+
+            return await self.start_staggered(self.names[1:], start, self.start_concurrency)
+
+        async def join_limited(name: str) -> None:
+            async with sem:
+                await join(name)
+
+        await asyncio.gather(*(join_limited(name) for name in self.names[1:]))
         for name in self.names[1:]:
             self._spawn_run(name)
         return time.monotonic()
@@ -1244,9 +1318,17 @@ async def _run_all(
                 where = root / f"{system}-n{n}-r{r}"
                 where.mkdir()
                 cluster: Cluster = (
-                    SerfCluster(where, n, procs, ports)
+                    SerfCluster(where, n, procs, ports, settings.start_concurrency)
                     if system == "serf"
-                    else MeshdCluster(where, n, procs, ports, settings.join_concurrency, src)
+                    else MeshdCluster(
+                        where,
+                        n,
+                        procs,
+                        ports,
+                        settings.join_concurrency,
+                        src,
+                        start_concurrency=settings.start_concurrency,
+                    )
                 )
                 print(f"  {system} N={n} run {r + 1}/{settings.runs} ...", flush=True)
                 t0 = time.monotonic()
@@ -1362,6 +1444,11 @@ def format_summary(res: dict[str, Any]) -> str:
         f"{s['poll_interval_s'] * 1000:.0f} ms, slower while more than "
         f"{s['poll_rate'] * s['poll_interval_s']:.0f} agents wait (at most "
         f"{s['poll_rate']:.0f} requests/s); median round periods below",
+        (
+            f"  start-up: at most {s['start_concurrency']} agents starting at once"
+            if s.get("start_concurrency")
+            else "  start-up: every agent spawned at once"
+        ),
     ]
     source = res.get("meshd") or {}
     if source:
@@ -1421,6 +1508,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="serf,meshd (default)")
     parser.add_argument(
+        "--start-concurrency",
+        type=int,
+        default=Settings().start_concurrency,
+        help="agents starting at once (default: CPU count); 0: all at once",
+    )
+    parser.add_argument(
         "--meshd-commit",
         metavar="REV",
         help="run meshd from this commit (git archive into the temp dir), not the checkout",
@@ -1441,6 +1534,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("--nodes: comma-separated integers, e.g. 30,100") from None
     if not nodes or min(nodes) < 3 or args.runs < 1:
         raise SystemExit("--nodes: sizes of at least 3; --runs: at least 1")
+    if args.start_concurrency < 0:
+        raise SystemExit("--start-concurrency: 0 (all at once) or more")
     if min(args.idle, args.poll_interval, args.poll_rate) <= 0:
         raise SystemExit("--idle, --poll-interval and --poll-rate must be positive")
     settings = Settings(
@@ -1450,6 +1545,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         poll_interval_s=args.poll_interval,
         poll_rate=args.poll_rate,
         systems=systems,
+        start_concurrency=args.start_concurrency,
         meshd_commit=args.meshd_commit,
     )
     started, load_before, t0 = timestamp(), load_average(), time.monotonic()
