@@ -13,6 +13,7 @@ import socket
 import struct
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator
 from ipaddress import IPv6Address
 from pathlib import Path
@@ -26,7 +27,7 @@ from hypothesis import strategies as st
 from meshd.core.ipam import AddressPlan
 from meshd.core.membership import MemberState
 from meshd.core.naming import Member, ZoneView, reverse_name
-from meshd.dns import MAX_UDP_PAYLOAD, DnsServer, default_upstreams
+from meshd.dns import MAX_UDP_PAYLOAD, UDP_PENDING_MAX, DnsServer, default_upstreams
 
 T = TypeVar("T")
 PLAN = AddressPlan.parse("10.200.0.0/16", "fd00:200::/48")
@@ -628,8 +629,9 @@ def test_responses_and_runts_are_dropped_and_counted(srv: Srv) -> None:
     response[2] |= 0x80
     assert srv.udp(bytes(response), timeout=0.3) is None
     assert srv.udp(b"\x01\x02\x03", timeout=0.3) is None
+    assert srv.udp(b"", timeout=0.3) is None  # an empty datagram does not stop the thread
     assert srv.server.stats["dropped_not_a_query"] == 1
-    assert srv.server.stats["dropped_short"] == 1
+    assert srv.server.stats["dropped_short"] == 2
     garbage = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\xff\xff"
     r = srv.udp(garbage)
     assert r is not None and r[:2] == b"\x12\x34" and r[3] & 0x0F == RCODE.FORMERR
@@ -706,3 +708,151 @@ def test_byte_encoded_answers_equal_dnslib_answers() -> None:
                     assert str(a) == str(b), (name, qtype, edns)
                     assert a.header.bitmap == b.header.bitmap and a.header.id == b.header.id
                     assert fast.handle(q) == ours  # the cached copy, patched the same way
+
+
+# ------------------------------------------------------------- the UDP threads
+
+
+def dns_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("meshd-dns-")]
+
+
+def test_udp_threads_start_and_stop_leaving_nothing_behind(lt: LoopThread) -> None:
+    before = set(dns_threads())
+    server = DnsServer(make_zone(), forward=False)
+    lt.run(server.start([("127.0.0.1", 0), ("127.0.0.1", 0)]))
+    ours = set(dns_threads()) - before
+    assert len(ours) == 2 and all(t.daemon for t in ours)
+    socks = [t.sock for t in server._udp]
+    ports = [port for _, port in server.bound]
+    for port in ports:
+        client = Srv(lt, server)
+        client.addr = ("127.0.0.1", port)
+        assert answers(client.query("alpha.mesh.internal"))[0][2] == "10.200.0.1"
+    t0 = time.monotonic()
+    lt.run(server.stop())
+    assert time.monotonic() - t0 < 5
+    assert not any(t.is_alive() for t in ours)
+    assert all(s.fileno() == -1 for s in socks)
+    assert server.stats["queries_udp"] == 2  # the threads' counts outlive them
+    for port in ports:  # the ports are free again
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as again:
+            again.bind(("127.0.0.1", port))
+
+
+@given(st.one_of(hostile, st.sampled_from(VALID)), st.integers(0, 65535))
+@settings(max_examples=300, deadline=None)
+def test_the_threads_cache_answers_exactly_what_the_loop_answers(data: bytes, qid: int) -> None:
+    """DnsServer.cached (the UDP threads' path) gives the loop's answer or nothing,
+    also for a second query of the same bytes with another ID (the exact cache)."""
+    server = DnsServer(CACHE_ZONE, forward=False)
+    first = server.handle(data)
+    second = qid.to_bytes(2, "big") + data[2:]
+    for query in (data, second, data):
+        out = server.cached(query)
+        if out is not None:
+            assert isinstance(first, bytes)
+            assert out == server.handle(query)
+    assert server.stats["dropped_internal_error"] == 0
+
+
+def test_the_threads_cache_never_answers_for_an_older_version() -> None:
+    view = make_zone()
+    server = DnsServer(view, forward=False)
+    q = packet("beta.mesh.internal")
+    server.handle(q)
+    assert server.cached(q) is not None and server.cached(q) == server.cached(q)
+    view.update(Member(nid(2), "beta", "db", 2, 2.0), MemberState.DEAD)
+    assert server.cached(q) is None  # until the loop has answered for the new version
+    out = server.handle(q)
+    assert isinstance(out, bytes) and DNSRecord.parse(out).header.rcode == RCODE.NXDOMAIN
+    assert server.cached(q) == out
+    server.view = make_zone()  # another view, maybe at the same version number
+    assert server.cached(q) is None
+
+
+def test_updates_are_seen_at_once_while_the_cache_is_hammered(srv: Srv) -> None:
+    """A client thread keeps beta's answer hot in the cache while the loop toggles
+    beta: every query sent after an update returns sees that update, and every answer
+    in between is one of the two states."""
+    beta = packet("beta.mesh.internal", qid=1)
+    stop = threading.Event()
+    seen: Counter[str] = Counter()
+    bad: list[bytes] = []
+
+    def hammer() -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(2)
+            deadline = time.monotonic() + 30
+            while not stop.is_set() and time.monotonic() < deadline:
+                s.sendto(beta, srv.addr)
+                try:
+                    raw = s.recv(4096)
+                except TimeoutError:
+                    continue
+                r = DNSRecord.parse(raw)
+                if r.header.rcode == RCODE.NXDOMAIN:
+                    seen["nx"] += 1
+                elif answers(r) == [("beta.mesh.internal.", "A", "10.200.0.2")]:
+                    seen["a"] += 1
+                else:
+                    bad.append(raw)
+
+    thread = threading.Thread(target=hammer, daemon=True)
+    thread.start()
+    member = Member(nid(2), "beta", LONG_HOST, 2, 2.0)
+    try:
+        for i in range(40):
+            state = MemberState.DEAD if i % 2 == 0 else MemberState.ALIVE
+            srv.lt.run(lambda st=state: srv.zone.update(member, st))  # type: ignore[misc]
+            r = srv.query("beta.mesh.internal")
+            if state is MemberState.DEAD:
+                assert r.header.rcode == RCODE.NXDOMAIN, i
+            else:
+                assert answers(r) == [("beta.mesh.internal.", "A", "10.200.0.2")], i
+    finally:
+        stop.set()
+        thread.join(5)
+    assert not bad and seen["nx"] + seen["a"] > 0
+    assert srv.server.stats["dropped_internal_error"] == 0
+
+
+def test_misses_wait_for_a_busy_loop_up_to_a_bound(srv: Srv) -> None:
+    """While the event loop is busy the thread queues misses for it, up to
+    UDP_PENDING_MAX; more are dropped and counted; cache hits are still answered."""
+    hot = packet("alpha.mesh.internal", qid=3)
+    assert srv.udp(hot) is not None  # now cached
+    busy = threading.Event()
+
+    def block() -> None:
+        busy.set()
+        time.sleep(1.0)
+
+    srv.lt.loop.call_soon_threadsafe(block)
+    assert busy.wait(5)
+    sent = UDP_PENDING_MAX + 300
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        s.settimeout(0.5)
+        for i in range(sent):
+            s.sendto(packet(f"nx{i}.mesh.internal", qid=i), srv.addr)
+            if i % 100 == 0:
+                time.sleep(0.002)  # let the thread keep up with the socket
+        s.sendto(hot, srv.addr)  # answered by the thread while the loop still sleeps
+        t0 = time.monotonic()
+        while True:
+            raw = s.recv(4096)
+            if raw[:2] == hot[:2]:
+                break
+        assert time.monotonic() - t0 < 0.9
+        srv.lt.run(lambda: None)  # the loop is free again: it answers what waited
+        got = 0
+        with contextlib.suppress(TimeoutError):
+            while True:
+                s.recv(4096)
+                got += 1
+    stats = srv.server.stats
+    assert stats["dropped_loop_busy"] >= 1
+    assert 0 < got <= UDP_PENDING_MAX
+    assert got + stats["dropped_loop_busy"] <= sent
+    assert answers(srv.query("beta.mesh.internal"))  # the loop caught up
