@@ -15,6 +15,12 @@ The query file mixes A (40 %), AAAA (40 %), PTR (10 %) of existing names and NXD
 * **throughput**: dnsperf with 100 queries outstanding and no rate limit for
   ``SECONDS``: completed queries/s and how many were lost.
 
+Each server is started fresh for a round (so the fixed-rate phase starts with a cold
+cache, as after a zone change); ``--runs N`` repeats the rounds, alternating which
+server goes first, and reports each figure as the median of the rounds. Nothing is
+pinned to a CPU: dnsperf and the server share the machine's CPUs as a client and a
+server on one host would.
+
 Everything runs on 127.0.0.1 with ephemeral ports; every process started here is
 stopped here. Needs the Debian packages dnsperf and dnsmasq-base (``make bench-deps``).
 
@@ -27,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import random
 import re
 import shutil
@@ -241,7 +248,9 @@ def percentiles(ms: list[float]) -> dict[str, float | int | None]:
     }
 
 
-def run(quick: bool) -> dict[str, Any]:
+def run(quick: bool, runs: int = 1) -> dict[str, Any]:
+    """``runs`` rounds of both servers, alternating which goes first; each server's
+    figures are the medians over the rounds (the machine's noise is large)."""
     missing = [p for p in ("dnsperf", "dnsmasq") if shutil.which(p) is None]
     if missing:
         raise RuntimeError(f"missing {', '.join(missing)} (apt-get install dnsperf dnsmasq-base)")
@@ -256,24 +265,74 @@ def run(quick: bool) -> dict[str, Any]:
             "rate": RATE,
             "seconds": seconds,
             "query_mix": {"A": 0.4, "AAAA": 0.4, "PTR": 0.1, "NXDOMAIN": 0.1},
+            "rounds": [],
         }
-        for label, server in (("meshd", lambda: meshd_server(MEMBERS, root)),
-                              ("dnsmasq", lambda: dnsmasq_server(hosts, root))):  # fmt: skip
-            with server() as port:
-                result[label] = {
-                    "fixed_rate": dnsperf(port, data, seconds, RATE),
-                    "throughput": dnsperf(port, data, seconds, None),
-                }
-        ours, theirs = result["meshd"]["throughput"]["qps"], result["dnsmasq"]["throughput"]["qps"]
-        result["throughput_ratio"] = round(ours / theirs, 3) if ours and theirs else None
+        servers = [("meshd", lambda: meshd_server(MEMBERS, root)),
+                   ("dnsmasq", lambda: dnsmasq_server(hosts, root))]  # fmt: skip
+        for i in range(runs):
+            one: dict[str, Any] = {"load_average": os.getloadavg()[0]}
+            for label, server in servers if i % 2 == 0 else servers[::-1]:
+                with server() as port:  # a fresh server: the fixed-rate phase starts cold
+                    one[label] = {
+                        "fixed_rate": dnsperf(port, data, seconds, RATE),
+                        "throughput": dnsperf(port, data, seconds, None),
+                    }
+            one["throughput_ratio"] = _ratio(one)
+            result["rounds"].append(one)
+        for label, _ in servers:
+            result[label] = _medians([r[label] for r in result["rounds"]])
+        result["throughput_ratio"] = _ratio(result)
         return result
 
 
+def _ratio(result: dict[str, Any]) -> float | None:
+    ours, theirs = result["meshd"]["throughput"]["qps"], result["dnsmasq"]["throughput"]["qps"]
+    return round(ours / theirs, 3) if ours and theirs else None
+
+
+def _medians(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One server's figures over the rounds: each number the median of its rounds."""
+    if len(rounds) == 1:
+        return rounds[0]
+
+    def med(values: list[Any]) -> Any:
+        nums = [v for v in values if isinstance(v, (int, float))]
+        return statistics.median(nums) if nums else None
+
+    out: dict[str, Any] = {}
+    for phase in ("fixed_rate", "throughput"):
+        phases = [r[phase] for r in rounds]
+        merged = {k: med([p.get(k) for p in phases]) for k in _SUMMARY}
+        if phase == "fixed_rate":
+            lats = [p.get("latency_ms", {}) for p in phases]
+            keys = ("n", "p50", "p90", "p99", "p99_9", "max", "mean")
+            merged["latency_ms"] = {k: med([lat.get(k) for lat in lats]) for k in keys}
+        out[phase] = merged
+    return out
+
+
 def format_summary(result: dict[str, Any]) -> str:
+    rounds = result.get("rounds", [])
     lines = [
         f"DNS on loopback (dnsperf, {result['members']} members, {result['names']} names, "
-        f"{result['seconds']:.0f} s per phase)"
+        f"{result['seconds']:.0f} s per phase"
+        + (f", medians of {len(rounds)} rounds)" if len(rounds) > 1 else ")")
     ]
+    if len(rounds) > 1:
+        for i, one in enumerate(rounds, 1):
+            parts = []
+            for label in ("meshd", "dnsmasq"):
+                lat = one[label]["fixed_rate"].get("latency_ms", {})
+                qps = one[label]["throughput"].get("qps") or 0
+                if lat.get("n"):
+                    parts.append(
+                        f"{label} p50/p99/p99.9 {lat['p50']:.3f}/{lat['p99']:.2f}/"
+                        f"{lat['p99_9']:.2f} ms {qps:.0f} q/s"
+                    )
+            lines.append(
+                f"  round {i} (load {one['load_average']:.2f}): " + "; ".join(parts)
+                + f"; ratio {one['throughput_ratio'] or 0:.2f}"
+            )  # fmt: skip
     for label in ("meshd", "dnsmasq"):
         fixed, top = result[label]["fixed_rate"], result[label]["throughput"]
         lat = fixed.get("latency_ms", {})
@@ -281,7 +340,7 @@ def format_summary(result: dict[str, Any]) -> str:
             lines.append(
                 f"  {label:<8} at {result['rate']} q/s: p50 {lat['p50']:.3f} ms, p99 "
                 f"{lat['p99']:.3f} ms, p99.9 {lat['p99_9']:.3f} ms, max {lat['max']:.2f} ms, "
-                f"lost {fixed.get('lost'):.0f}"
+                f"lost {fixed.get('lost') or 0:.0f}"
             )
         qps, lost = top.get("qps") or 0, top.get("lost") or 0
         lines.append(f"  {label:<8} throughput: {qps:.0f} q/s (lost {lost:.0f})")
@@ -293,6 +352,9 @@ def format_summary(result: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.dns", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="5 s phases instead of 10 s")
+    parser.add_argument(
+        "--runs", type=int, default=1, help="rounds of both servers; figures are medians"
+    )
     parser.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--members", type=int, default=MEMBERS, help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help="also write the result to this file")
@@ -303,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from benchmarks.common import load_average, machine_info, write_json
 
     load_before = load_average()
-    result = run(args.quick)
+    result = run(args.quick, max(1, args.runs))
     result["machine"] = machine_info()
     result["load_average"] = {"before": load_before, "after": load_average()}
     print(format_summary(result))

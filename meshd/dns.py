@@ -30,12 +30,12 @@ Threads: each UDP socket is served by a thread of its own (:class:`_UdpThread`) 
 blocking ``recvfrom``: a query whose answer is cached is answered there and then
 (:meth:`DnsServer.cached`, ~0.4 µs for a repeated query) without waking the event
 loop: at 5,000 q/s the server used ~95 µs of CPU per query through the loop and ~55
-µs this way. Everything else goes to the event loop in batches. Only the loop reads or changes the view; the
-threads read an :class:`_Answers`, the cache of one version of the view, which the
-loop replaces (never empties) when the version moves, and they check the view's
-``version`` against it on every query: a query read after a change has returned
-never gets an answer cached before it, so an update is visible at once. The threads ask
-for a short scheduler time slice (:func:`request_short_slice`). TCP stays on the loop.
+µs this way. Everything else goes to the event loop in batches. Only the loop reads
+or changes the view; the threads read an :class:`_Answers`, the cache of one version
+of the view, which the loop replaces (never empties) when the version moves, and they
+check the view's ``version`` against it on every query: a query read after a change
+has returned never gets an answer cached before it, so an update is visible at once.
+TCP stays on the event loop.
 """
 
 from __future__ import annotations
@@ -43,12 +43,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ctypes
 import ipaddress
 import os
-import platform
 import socket
-import struct
 import threading
 import time
 from collections import Counter
@@ -80,16 +77,16 @@ CACHE_MAX: Final = 8_192
 RESOLV_CONF: Final = "/etc/resolv.conf"
 
 #: Queries the event loop answers per turn for a UDP thread (cache misses) before
-#: yielding to other work, and how many may wait before more are dropped and counted.
-UDP_BATCH: Final = 64
+#: yielding to other work (and the GIL: a UDP thread waits for it while the loop holds
+#: it, ~13 µs per miss, ~170 µs through dnslib), and how many may wait before more are
+#: dropped and counted.
+UDP_BATCH: Final = 16
 UDP_PENDING_MAX: Final = 1_024
 #: Receive buffer of a UDP socket (the kernel caps it at net.core.rmem_max): a burst
 #: waits rather than being dropped.
 UDP_RCVBUF: Final = 1 << 20
 RECV_SIZE: Final = 65_535
 THREAD_JOIN_TIMEOUT: Final = 2.0
-#: The time slice a UDP thread asks for (the kernel's minimum for a custom slice).
-UDP_THREAD_SLICE_NS: Final = 100_000
 _IN: Final = 1
 _ANY_CLASS: Final = 255
 _T_A, _T_NS, _T_SOA, _T_PTR, _T_AAAA = 1, 2, 6, 12, 28
@@ -832,9 +829,9 @@ class _UdpThread:
     """One UDP socket served by a thread of its own: a blocking ``recvfrom``, the answer
     from :meth:`DnsServer.cached` sent straight back, everything else (cache misses,
     forwards, bad packets) queued for the event loop, which drains up to
-    :data:`UDP_BATCH` per turn. No event-loop wake-up per query: at 5,000 q/s that
-    wake-up cost about four times the answer itself. Replies never block: one the
-    socket buffer cannot take is dropped and counted, like any UDP loss."""
+    :data:`UDP_BATCH` per turn. No event-loop wake-up per cached answer (at 5,000
+    q/s that wake-up cost ~40 µs of CPU per query, the answer ~4 µs). Replies never
+    block: one the socket buffer cannot take is dropped and counted, like any UDP loss."""
 
     def __init__(self, server: DnsServer, sock: socket.socket, loop: asyncio.AbstractEventLoop):
         self.server = server
@@ -855,8 +852,6 @@ class _UdpThread:
         self.thread.start()
 
     def _run(self) -> None:
-        if not request_short_slice():
-            log.debug("dns udp thread keeps the default time slice")
         counts, sock = self.counts, self.sock
         recvfrom, sendto, cached = sock.recvfrom, sock.sendto, self.server.cached
         while True:
@@ -941,28 +936,6 @@ class _UdpThread:
             log.warning("dns udp thread did not stop", thread=self.thread.name)
         self.sock.close()
         self._misses.clear()
-
-
-#: sched_setattr(2) by machine; None elsewhere (then the default slice stays).
-_SYS_SCHED_SETATTR: Final = {"x86_64": 314, "aarch64": 274}.get(platform.machine())
-
-
-def request_short_slice(slice_ns: int = UDP_THREAD_SLICE_NS) -> bool:
-    """Ask Linux (6.12 or later, EEVDF) for a short time slice for the calling thread:
-    when a query wakes it while a CPU-bound process holds the CPU, it runs at once
-    instead of after that process's slice (~3 ms). Same policy and weight, so the
-    thread's share of the CPU does not grow. False when not granted (older kernel,
-    another machine): nothing changes then."""
-    if _SYS_SCHED_SETATTR is None:
-        return False
-    # struct sched_attr (first version, 48 bytes): size, policy SCHED_OTHER, flags,
-    # nice, priority, runtime (the slice), deadline, period
-    attr = ctypes.create_string_buffer(struct.pack("=IIQiIQQQ", 48, 0, 0, 0, 0, slice_ns, 0, 0))
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return int(libc.syscall(_SYS_SCHED_SETATTR, 0, attr, 0)) == 0
-    except (OSError, AttributeError):
-        return False
 
 
 _IP_FREEBIND: Final = 15  # Linux; also honoured by IPv6 sockets
