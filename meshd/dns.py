@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import ipaddress
 import os
 import socket
@@ -74,6 +75,9 @@ TCP_MAX_CONNECTIONS: Final = 128
 TCP_IDLE_TIMEOUT: Final = 10.0
 TCP_IO_TIMEOUT: Final = 5.0
 CACHE_MAX: Final = 8_192
+#: The longest query kept whole as a key of the exact cache (EDNS options can make a
+#: plain query 64 KB long: 8,192 of those would be 512 MB).
+EXACT_KEY_MAX: Final = 512
 RESOLV_CONF: Final = "/etc/resolv.conf"
 
 #: Queries the event loop answers per turn for a UDP thread (cache misses) before
@@ -87,6 +91,8 @@ UDP_PENDING_MAX: Final = 1_024
 UDP_RCVBUF: Final = 1 << 20
 RECV_SIZE: Final = 65_535
 THREAD_JOIN_TIMEOUT: Final = 2.0
+#: Ephemeral ports tried for a port 0 request (UDP and TCP must share one).
+PORT_ATTEMPTS: Final = 8
 _IN: Final = 1
 _ANY_CLASS: Final = 255
 _T_A, _T_NS, _T_SOA, _T_PTR, _T_AAAA = 1, 2, 6, 12, 28
@@ -384,7 +390,8 @@ class DnsServer:
         if template is None or len(template) > plain.limit:
             return None
         out = _patch(template, data, plain.qend)
-        _store(answers.exact, tail, out[2:])
+        if len(data) <= EXACT_KEY_MAX:
+            _store(answers.exact, tail, out[2:])
         return out
 
     def handle(self, data: bytes, tcp: bool = False) -> bytes | _Forward | None:
@@ -744,13 +751,7 @@ class DnsServer:
         loop = asyncio.get_running_loop()
         for host, port in addrs:
             try:
-                usock = bind_socket(host, port, socket.SOCK_DGRAM)
-                try:
-                    port = usock.getsockname()[1]  # a port 0 request: TCP on the same one
-                    tsock = bind_socket(host, port, socket.SOCK_STREAM)
-                except OSError:
-                    usock.close()
-                    raise
+                usock, tsock, port = _bind_pair(host, port)
             except OSError as exc:
                 if strict:
                     await self.stop()
@@ -961,6 +962,23 @@ def bind_socket(host: str, port: int, kind: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def _bind_pair(host: str, port: int) -> tuple[socket.socket, socket.socket, int]:
+    """UDP and TCP sockets on one port. Port 0: the UDP socket's ephemeral port, tried
+    again with another when a TCP socket (a client's, maybe another program's) holds
+    it, which on a busy host happens."""
+    attempts = PORT_ATTEMPTS if port == 0 else 1
+    while True:
+        attempts -= 1
+        usock = bind_socket(host, port, socket.SOCK_DGRAM)
+        got = int(usock.getsockname()[1])
+        try:
+            return usock, bind_socket(host, got, socket.SOCK_STREAM), got
+        except OSError as exc:
+            usock.close()
+            if exc.errno != errno.EADDRINUSE or attempts <= 0:
+                raise
 
 
 def listen_addresses(config: DnsConfig, overlay: Sequence[str]) -> list[Addr]:

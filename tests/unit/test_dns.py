@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import socket
 import struct
 import threading
@@ -24,6 +25,7 @@ from dnslib import EDNS0, QTYPE, RCODE, RR, A, DNSHeader, DNSQuestion, DNSRecord
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import meshd.dns
 from meshd.core.ipam import AddressPlan
 from meshd.core.membership import MemberState
 from meshd.core.naming import Member, ZoneView, reverse_name
@@ -769,6 +771,46 @@ def test_the_threads_cache_never_answers_for_an_older_version() -> None:
     assert server.cached(q) == out
     server.view = make_zone()  # another view, maybe at the same version number
     assert server.cached(q) is None
+
+
+def test_port_zero_tries_another_port_when_tcp_has_the_udp_one(
+    lt: LoopThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a busy host another program's TCP socket may hold the ephemeral port the
+    UDP socket got: the server takes another rather than failing."""
+    real = meshd.dns.bind_socket
+    refused: list[int] = []
+
+    def flaky(host: str, port: int, kind: int) -> socket.socket:
+        if kind == socket.SOCK_STREAM and not refused:
+            refused.append(port)
+            raise OSError(errno.EADDRINUSE, "Address already in use")
+        return real(host, port, kind)
+
+    monkeypatch.setattr(meshd.dns, "bind_socket", flaky)
+    server = DnsServer(make_zone(), forward=False)
+    [(_, port)] = lt.run(server.start([("127.0.0.1", 0)]))
+    try:
+        assert refused and port != refused[0]
+        [out] = Srv(lt, server).tcp(packet("alpha.mesh.internal"))
+        assert answers(DNSRecord.parse(out))[0][2] == "10.200.0.1"
+    finally:
+        lt.run(server.stop())
+
+
+def test_long_queries_are_answered_but_not_kept_whole() -> None:
+    """EDNS padding makes a plain query long: the exact cache (keyed by the whole
+    query) does not keep it, so hostile padding cannot fill memory."""
+    server = DnsServer(make_zone(), forward=False)
+    q = packet("alpha.mesh.internal", edns=1232)
+    padded = q[:-2] + (4 + 3000).to_bytes(2, "big") + b"\x00\x0c" + (3000).to_bytes(2, "big")
+    padded += b"\x00" * 3000  # an OPT with a 3,000-byte padding option (RFC 7830)
+    assert server.handle(padded) is not None  # the loop answers it, and caches the template
+    out = server.cached(padded)
+    assert out is not None and out == server.handle(padded)
+    assert answers(DNSRecord.parse(out)) == [("alpha.mesh.internal.", "A", "10.200.0.1")]
+    assert len(server._answers.exact) == 0
+    assert server.cached(q) is not None and len(server._answers.exact) == 1
 
 
 def test_updates_are_seen_at_once_while_the_cache_is_hammered(srv: Srv) -> None:
