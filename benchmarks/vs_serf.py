@@ -61,12 +61,12 @@ What is measured, per cluster:
    memberlist keeps suspicions to itself). Start-up is reported apart: a meshd
    agent knows members from its join grant before their processes run.
 
-Polling: every agent still waiting for a condition is asked concurrently (aiohttp
-with kept-alive connections for meshd, one persistent msgpack RPC connection per
-agent for Serf); the next round starts ``poll_interval`` (50 ms) after the previous
-one started, but no sooner than ``pending / poll_rate`` (400 requests/s for all
-agents together), or at once if the round itself took longer. The cap matters:
-answering ``/v1/status`` costs a meshd agent about 0.4 ms of CPU (a Serf agent
+Polling: every agent still waiting for a condition is asked concurrently (HTTP/1.1
+with kept-alive connections for meshd, ``benchmarks/httpclient.py``; one persistent
+msgpack RPC connection per agent for Serf); the next round starts ``poll_interval``
+(50 ms) after the previous one started, but no sooner than ``pending / poll_rate``
+(400 requests/s for all agents together), or at once if the round itself took longer.
+The cap matters: answering ``/v1/status`` costs a meshd agent about 0.4 ms of CPU (a Serf agent
 0.08 ms for ``stats``), so 100 agents asked every 50 ms would take most of a core
 of a small machine from the agents being measured. A polled figure is late by up
 to one round period (``poll_*.period_ms``): at N=100, 250 ms while every agent is
@@ -115,7 +115,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-import aiohttp
 import msgpack
 
 from benchmarks.common import (
@@ -126,6 +125,7 @@ from benchmarks.common import (
     timestamp,
     write_json,
 )
+from benchmarks.httpclient import KeepAliveClient
 from benchmarks.join_rtt import bytecode_cache
 
 NAME: Final = "vs_serf"
@@ -458,7 +458,7 @@ class Cluster:
             raise RuntimeError(f"{self.system} agent {name} exited; see {self.logs[name]}")
         try:
             counts = await asyncio.wait_for(self.counts(name), REQUEST_TIMEOUT_S)
-        except (OSError, ConnectionError, TimeoutError, aiohttp.ClientError, ValueError):
+        except (OSError, ConnectionError, TimeoutError, ValueError):
             return False
         return counts.total >= 2
 
@@ -487,7 +487,7 @@ class Cluster:
             raise RuntimeError(f"{self.system} agent {name} exited; see {self.logs[name]}")
         try:
             await asyncio.wait_for(self.counts(name), REQUEST_TIMEOUT_S)
-        except (OSError, ConnectionError, TimeoutError, aiohttp.ClientError, ValueError):
+        except (OSError, ConnectionError, TimeoutError, ValueError):
             return False
         return True
 
@@ -620,24 +620,19 @@ class MeshdCluster(Cluster):
         self.env = meshd_env(src)
         self.udp = {name: ports.take(udp=True) for name in self.names}
         self.http = {name: ports.take(tcp=True) for name in self.names}
-        self.session: aiohttp.ClientSession | None = None
+        self.session: KeepAliveClient | None = None
         self.join_ms: list[float] = []
 
     def datadir(self, name: str) -> Path:
         return self.root / name
 
-    def _client(self) -> aiohttp.ClientSession:
-        if self.session is None:
-            self.session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0),  # kept-alive, one per agent
-                timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S),
-            )
+    def _client(self) -> KeepAliveClient:
+        if self.session is None:  # kept-alive, one connection per agent
+            self.session = KeepAliveClient(timeout=REQUEST_TIMEOUT_S)
         return self.session
 
     async def _get(self, name: str, path: str) -> Any:
-        async with self._client().get(f"http://{LOOPBACK}:{self.http[name]}{path}") as resp:
-            resp.raise_for_status()
-            return await resp.json()
+        return await self._client().get_json(LOOPBACK, self.http[name], path)
 
     async def _meshd(self, *args: str, limit_s: float = 60.0) -> str:
         """Run a short ``meshd`` command; its stdout, or RuntimeError with its stderr."""
@@ -730,12 +725,13 @@ class MeshdCluster(Cluster):
         return DataDir(self.datadir(name)).read_key("http").hex()
 
     async def update(self, name: str, label: str) -> int:
-        url = f"http://{LOOPBACK}:{self.http[name]}/v1/record"
         headers = {"Authorization": f"Bearer {self.http_token(name)}"}
-        async with self._client().post(url, json={"hostname": label}, headers=headers) as resp:
-            if resp.status != 200:
-                raise RuntimeError(f"POST /v1/record: {resp.status} {await resp.text()}")
-            return int((await resp.json())["record_seq"])
+        status, body = await self._client().post_json(
+            LOOPBACK, self.http[name], "/v1/record", {"hostname": label}, headers
+        )
+        if status != 200:
+            raise RuntimeError(f"POST /v1/record: {status} {body.decode(errors='replace')}")
+        return int(json.loads(body)["record_seq"])
 
     _KINDS: Final = {
         "member suspect": "suspected",

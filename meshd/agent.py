@@ -161,7 +161,7 @@ class Agent:
         self.overlay_listen: list[str] = []
         self._timer: asyncio.TimerHandle | None = None
         self._view_flush: asyncio.TimerHandle | None = None
-        self._http_runner: Any = None
+        self._http_server: Any = None
         self._http_token = ""
         self._leave_done: asyncio.Future[bool] | None = None
         self.dns_config = dns
@@ -204,7 +204,7 @@ class Agent:
         if self.http_addr is not None:
             from meshd.http import start_http
 
-            self._http_runner, self.http_bound = await start_http(self, self.http_addr)
+            self._http_server, self.http_bound = await start_http(self, self.http_addr)
         self._write_run_file()
         # The record says where to dial our WireGuard interface (0: we have none).
         self.node.config.wg_port = self.wg.wg_port if self.wg is not None else 0
@@ -229,8 +229,8 @@ class Agent:
         for handle in (self._timer, self._view_flush):
             if handle is not None:
                 handle.cancel()
-        if self._http_runner is not None:
-            await self._http_runner.cleanup()
+        if self._http_server is not None:
+            await self._http_server.close()
         if self.dns is not None:
             await self.dns.stop()
         if self.wg is not None:

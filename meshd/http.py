@@ -1,85 +1,75 @@
-"""The debug HTTP endpoint (aiohttp): JSON views of the agent, Prometheus metrics, leave.
+"""The debug HTTP endpoint: JSON views of the agent, Prometheus metrics, leave.
 
-Read-only paths need no auth (the endpoint binds to 127.0.0.1 by default);
-``POST /v1/leave`` changes state and needs ``Authorization: Bearer <token>``, the
-token being the hex of the 0600 key file ``http.key`` in the data dir, so only
-someone who can read the data dir can drive the agent.
+Served by :class:`meshd.httpserver.HttpServer` (h11 on asyncio streams). Read-only
+paths need no auth (the endpoint binds to 127.0.0.1 by default); ``POST /v1/leave``
+and ``POST /v1/record`` change state and need ``Authorization: Bearer <token>``, the
+token being the hex of the 0600 key file ``http.key`` in the data dir, so only someone
+who can read the data dir can drive the agent.
 """
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
-
-from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from meshd.core.records import normalize_hostname
 from meshd.core.wire import Addr
+from meshd.httpserver import Handler, HttpServer, Request, Response, json_response
+from meshd.metrics import CONTENT_TYPE, counter, family, gauge, labelled
 
 if TYPE_CHECKING:
     from meshd.agent import Agent
 
-AGENT_KEY: web.AppKey[Agent] = web.AppKey("agent")
 
+def routes(agent: Agent, server: HttpServer) -> Mapping[str, Mapping[str, Handler]]:
+    """The endpoint's routes (INTERFACE.md); ``server`` is there for its own counters."""
 
-def build_app(agent: Agent) -> web.Application:
-    app = web.Application(client_max_size=64 * 1024)
-    app[AGENT_KEY] = agent
-    registry = CollectorRegistry()
-    registry.register(_AgentCollector(agent))
+    async def healthz(request: Request) -> Response:
+        return json_response({"status": "ok"})
 
-    async def healthz(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+    async def status(request: Request) -> Response:
+        return json_response(agent.status())
 
-    async def status(request: web.Request) -> web.Response:
-        return web.json_response(agent.status())
+    async def members(request: Request) -> Response:
+        return json_response({"members": agent.members()})
 
-    async def members(request: web.Request) -> web.Response:
-        return web.json_response({"members": agent.members()})
+    async def leases(request: Request) -> Response:
+        return json_response({"leases": agent.leases()})
 
-    async def leases(request: web.Request) -> web.Response:
-        return web.json_response({"leases": agent.leases()})
+    async def dns(request: Request) -> Response:
+        return json_response(agent.dns_view())
 
-    async def dns(request: web.Request) -> web.Response:
-        return web.json_response(agent.dns_view())
+    async def metrics(request: Request) -> Response:
+        return Response(200, render_metrics(agent, server), CONTENT_TYPE)
 
-    async def metrics(request: web.Request) -> web.Response:
-        return web.Response(
-            body=generate_latest(registry),
-            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
-        )
-
-    def unauthorised(request: web.Request) -> web.Response | None:
-        auth = request.headers.get("Authorization", "")
+    def unauthorised(request: Request) -> Response | None:
+        auth = request.headers.get("authorization", "")
         expected = f"Bearer {agent.http_token}"
         if hmac.compare_digest(auth.encode(), expected.encode()):
             return None
-        return web.json_response(
+        return json_response(
             {"error": "missing or wrong bearer token (see http.key in the data dir)"},
             status=401,
         )
 
-    async def leave(request: web.Request) -> web.Response:
+    async def leave(request: Request) -> Response:
         if (refused := unauthorised(request)) is not None:
             return refused
         try:
             acknowledged = await agent.leave()
         except ValueError as exc:
-            return web.json_response({"error": str(exc)}, status=409)
-        return web.json_response({"left": True, "acknowledged": acknowledged})
+            return json_response({"error": str(exc)}, status=409)
+        return json_response({"left": True, "acknowledged": acknowledged})
 
-    async def record(request: web.Request) -> web.Response:
+    async def record(request: Request) -> Response:
         """Change this node's extra DNS name; the new record spreads by gossip."""
         if (refused := unauthorised(request)) is not None:
             return refused
         try:
             body = await request.json()
         except ValueError:
-            return web.json_response({"error": "the body must be JSON"}, status=400)
+            return json_response({"error": "the body must be JSON"}, status=400)
         host = body.get("hostname") if isinstance(body, dict) else None
         try:
             if not isinstance(body, dict) or set(body) != {"hostname"}:
@@ -89,40 +79,35 @@ def build_app(agent: Agent) -> web.Application:
                 if host is None:
                     raise ValueError("hostname must be a string or null")
         except ValueError as exc:
-            return web.json_response({"error": str(exc)}, status=400)
+            return json_response({"error": str(exc)}, status=400)
         seq = agent.set_hostname(host)
-        return web.json_response({"hostname": host, "record_seq": seq})
+        return json_response({"hostname": host, "record_seq": seq})
 
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/v1/status", status)
-    app.router.add_get("/v1/members", members)
-    app.router.add_get("/v1/leases", leases)
-    app.router.add_get("/v1/dns", dns)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_post("/v1/leave", leave)
-    app.router.add_post("/v1/record", record)
-    return app
-
-
-async def start_http(agent: Agent, addr: Addr) -> tuple[web.AppRunner, Addr]:
-    """Serve the app on ``addr``; return the runner and the address actually bound."""
-    runner = web.AppRunner(build_app(agent), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, addr[0], addr[1], reuse_address=True)
-    await site.start()
-    bound = runner.addresses[0] if runner.addresses else addr
-    return runner, (bound[0], bound[1])
+    return {
+        "/healthz": {"GET": healthz},
+        "/v1/status": {"GET": status},
+        "/v1/members": {"GET": members},
+        "/v1/leases": {"GET": leases},
+        "/v1/dns": {"GET": dns},
+        "/metrics": {"GET": metrics},
+        "/v1/leave": {"POST": leave},
+        "/v1/record": {"POST": record},
+    }
 
 
-class _AgentCollector(Collector):
-    """Reads the agent's counters at scrape time; nothing to keep in sync."""
+async def start_http(agent: Agent, addr: Addr) -> tuple[HttpServer, Addr]:
+    """Serve the endpoint on ``addr``; return the server and the address actually bound."""
+    server = HttpServer({})
+    server.routes = routes(agent, server)
+    return server, await server.start(addr[0], addr[1])
 
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
 
-    def collect(self) -> Iterator[Any]:
-        a = self.agent
-        m = a.metrics
+def render_metrics(agent: Agent, server: HttpServer) -> bytes:
+    """``GET /metrics``: the agent's counters, read at scrape time (nothing to keep in sync)."""
+    a = agent
+    m = a.metrics
+    out = [
+        counter(name, doc, value)
         for name, doc, value in (
             ("meshd_rx_packets", "Gossip datagrams received (both paths)", m.rx_packets),
             ("meshd_tx_packets", "Gossip datagrams sent (both paths)", m.tx_packets),
@@ -141,63 +126,94 @@ class _AgentCollector(Collector):
                 "Probes re-sent over the bootstrap channel after a fallback",
                 a.node.paths.stats.resent,
             ),
-        ):
-            yield CounterMetricFamily(name, doc, value=value)
-        paths = CounterMetricFamily(
+        )
+    ]
+    stats = a.node.paths.stats
+    out.append(
+        family(
             "meshd_gossip_packets",
             "Gossip datagrams by direction (rx, tx) and path (overlay, underlay)",
-            labels=["direction", "path"],
+            "counter",
+            (
+                ({"direction": direction, "path": path}, counts[path])
+                for direction, counts in (("rx", stats.rx), ("tx", stats.tx))
+                for path in ("overlay", "underlay")
+            ),
         )
-        for direction, counts in (("rx", a.node.paths.stats.rx), ("tx", a.node.paths.stats.tx)):
-            for path in ("overlay", "underlay"):
-                paths.add_metric([direction, path], counts[path])
-        yield paths
-        drops = CounterMetricFamily(
-            "meshd_dropped_packets", "Inbound datagrams dropped, by reason", labels=["reason"]
+    )
+    drops = sorted(a.node.drops.items(), key=lambda kv: kv[0].value)
+    out.append(
+        labelled(
+            "meshd_dropped_packets",
+            "Inbound datagrams dropped, by reason",
+            "counter",
+            "reason",
+            ((reason.value, count) for reason, count in drops),
         )
-        for reason, count in sorted(a.node.drops.items(), key=lambda kv: kv[0].value):
-            drops.add_metric([reason.value], count)
-        yield drops
-        cache = a.node.store.cache
-        yield CounterMetricFamily(
-            "meshd_verify_cache_hits", "Signature checks answered from cache", value=cache.hits
+    )
+    cache = a.node.store.cache
+    out.append(
+        counter("meshd_verify_cache_hits", "Signature checks answered from cache", cache.hits)
+    )
+    out.append(counter("meshd_verify_cache_misses", "Signature checks computed", cache.misses))
+    out.append(
+        labelled(
+            "meshd_members",
+            "Members in this node's view, by SWIM state",
+            "gauge",
+            "state",
+            sorted(a.status()["members"].items()),
         )
-        yield CounterMetricFamily(
-            "meshd_verify_cache_misses", "Signature checks computed", value=cache.misses
-        )
-        members = GaugeMetricFamily(
-            "meshd_members", "Members in this node's view, by SWIM state", labels=["state"]
-        )
-        for state, count in sorted(a.status()["members"].items()):
-            members.add_metric([state], count)
-        yield members
-        swim_drops = CounterMetricFamily(
+    )
+    out.append(
+        labelled(
             "meshd_gossip_dropped",
             "Membership messages or items dropped, by reason",
-            labels=["reason"],
+            "counter",
+            "reason",
+            sorted(a.node.swim.drops.items()),
         )
-        for swim_reason, count in sorted(a.node.swim.drops.items()):
-            swim_drops.add_metric([swim_reason], count)
-        yield swim_drops
-        yield GaugeMetricFamily(
-            "meshd_local_health", "Lifeguard local health (0 is healthy)", a.node.swim.local_health
-        )
-        yield GaugeMetricFamily(
-            "meshd_incarnation", "This node's SWIM incarnation", a.node.swim.incarnation
-        )
-        yield GaugeMetricFamily(
-            "meshd_is_leader", "1 if this node holds the cluster CA", int(a.node.is_leader)
-        )
-        yield GaugeMetricFamily("meshd_dns_names", "Names with records in the zone", len(a.zone))
-        yield GaugeMetricFamily(
+    )
+    swim = a.node.swim
+    out.append(
+        gauge("meshd_local_health", "Lifeguard local health (0 is healthy)", swim.local_health)
+    )
+    out.append(gauge("meshd_incarnation", "This node's SWIM incarnation", swim.incarnation))
+    out.append(
+        gauge("meshd_is_leader", "1 if this node holds the cluster CA", int(a.node.is_leader))
+    )
+    out.append(gauge("meshd_dns_names", "Names with records in the zone", len(a.zone)))
+    out.append(
+        gauge(
             "meshd_dns_conflicts", "Name claims that lost or were refused", len(a.zone.conflicts())
         )
-        if a.dns is not None:
-            dns = CounterMetricFamily(
+    )
+    if a.dns is not None:
+        out.append(
+            labelled(
                 "meshd_dns_events",
                 "DNS server counters: queries, responses by rcode, drops, forwards, cache hits",
-                labels=["event"],
+                "counter",
+                "event",
+                sorted(a.dns.stats.items()),
             )
-            for event, count in sorted(a.dns.stats.items()):
-                dns.add_metric([event], count)
-            yield dns
+        )
+    out.append(
+        labelled(
+            "meshd_http_responses",
+            "Debug endpoint responses, by status code",
+            "counter",
+            "code",
+            ((str(code), count) for code, count in sorted(server.responses.items())),
+        )
+    )
+    out.append(
+        labelled(
+            "meshd_http_dropped",
+            "Debug endpoint connections closed without a response, by reason",
+            "counter",
+            "reason",
+            sorted(server.dropped.items()),
+        )
+    )
+    return "".join(out).encode()
