@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -30,11 +30,6 @@ from meshd.core.wire import DropReason, WireError
 NODE_ID_LEN: Final = 16
 PUB_LEN: Final = 32
 SIG_LEN: Final = 64
-
-_RAW = serialization.Encoding.Raw
-_RAW_PUB = serialization.PublicFormat.Raw
-_RAW_PRIV = serialization.PrivateFormat.Raw
-_NOENC = serialization.NoEncryption()
 
 
 def node_id(sign_pub: bytes) -> bytes:
@@ -50,7 +45,7 @@ class SigningKey:
             raise ValueError("an Ed25519 seed is 32 bytes")
         self._key = Ed25519PrivateKey.from_private_bytes(seed)
         self.seed = seed
-        self.public = self._key.public_key().public_bytes(_RAW, _RAW_PUB)
+        self.public = self._key.public_key().public_bytes_raw()
         self.node_id = node_id(self.public)
 
     def sign(self, domain: bytes, body: bytes) -> bytes:
@@ -75,8 +70,8 @@ class WireGuardKey:
         if len(private) != 32:
             raise ValueError("an X25519 private key is 32 bytes")
         self._key = X25519PrivateKey.from_private_bytes(private)
-        self.private = self._key.private_bytes(_RAW, _RAW_PRIV, _NOENC)
-        self.public = self._key.public_key().public_bytes(_RAW, _RAW_PUB)
+        self.private = self._key.private_bytes_raw()
+        self.public = self._key.public_key().public_bytes_raw()
 
     def exchange(self, peer_public: bytes) -> bytes:
         return self._key.exchange(X25519PublicKey.from_public_bytes(peer_public))

@@ -304,9 +304,20 @@ def retransmit_limit(mult: int, n: int) -> int:
 
 #: Shared int objects for bag positions. CPython caches only -5..256; every other
 #: ``len(list)`` is a new 28-byte object, and a simulator running 10,000 cores of
-#: 10,000 members each held 100 million of them (2.8 GB). Positions beyond the table
-#: are ordinary ints.
-_POSITIONS: Final = tuple(range(1 << 15))
+#: 10,000 members each held 100 million of them (2.8 GB). The table grows (doubling)
+#: as the bags need it, up to :data:`_MAX_SHARED_POSITION`: built whole at import it
+#: cost every agent 1.2 MiB, whatever its size. Positions beyond it are ordinary ints.
+_POSITIONS: Final[list[int]] = []
+_MAX_SHARED_POSITION: Final = 1 << 15
+
+
+def _position(i: int) -> int:
+    """The shared int for bag position ``i`` (past the table's end: grow it first)."""
+    if i >= _MAX_SHARED_POSITION:
+        return i
+    n = len(_POSITIONS)
+    _POSITIONS.extend(range(n, min(max(2 * n, i + 1, 1_024), _MAX_SHARED_POSITION)))
+    return _POSITIONS[i]
 
 
 class _Bag:
@@ -324,7 +335,7 @@ class _Bag:
     def add(self, x: bytes) -> None:
         if x not in self.pos:
             i = len(self.items)
-            self.pos[x] = _POSITIONS[i] if i < len(_POSITIONS) else i
+            self.pos[x] = _POSITIONS[i] if i < len(_POSITIONS) else _position(i)
             self.items.append(x)
 
     def discard(self, x: bytes) -> None:
