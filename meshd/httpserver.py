@@ -180,8 +180,11 @@ class HttpServer:
         finally:
             del self._conns[task]
             writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            try:  # a client that reads nothing would keep an unflushed close pending
+                async with asyncio.timeout(self.limits.write_timeout):
+                    await writer.wait_closed()
+            except Exception:
+                writer.transport.abort()
 
     async def _requests(
         self,

@@ -22,7 +22,10 @@ from meshd.httpserver import HttpServer, Limits, Request, Response, json_respons
 
 pytestmark = pytest.mark.timeout(60)
 
-FAST = Limits(request_timeout=0.3, idle_timeout=0.5, shutdown_grace=1.0, max_connections=4)
+FAST = Limits(
+    request_timeout=0.3, idle_timeout=0.5, write_timeout=0.5, shutdown_grace=1.0, max_connections=4
+)
+BIG = 32 * 1024 * 1024  # more than loopback socket buffers hold
 
 
 def make_server(limits: Limits = FAST) -> HttpServer:
@@ -43,6 +46,9 @@ def make_server(limits: Limits = FAST) -> HttpServer:
         await asyncio.sleep(0.3)
         return json_response({"slow": True})
 
+    async def big(request: Request) -> Response:
+        return Response(200, b"x" * BIG)
+
     return HttpServer(
         {
             "/hello": {"GET": hello},
@@ -50,6 +56,7 @@ def make_server(limits: Limits = FAST) -> HttpServer:
             "/ignore": {"POST": ignore},
             "/fail": {"GET": fail},
             "/slow": {"GET": slow},
+            "/big": {"GET": big},
         },
         limits,
     )
@@ -252,6 +259,29 @@ async def test_timeouts(server: tuple[HttpServer, int]) -> None:
     assert await asyncio.wait_for(reader.read(), 5) == b""
     writer.close()
     assert srv.dropped == {"timeout": 2}
+
+
+async def test_a_client_that_does_not_read_is_dropped(server: tuple[HttpServer, int]) -> None:
+    srv, port = server
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(get("/big"))  # and never read the answer
+    for _ in range(100):
+        if srv.dropped["write_timeout"]:
+            break
+        await asyncio.sleep(0.05)
+    assert srv.dropped == {"write_timeout": 1}
+
+    def serving() -> int:
+        return sum(1 for t in asyncio.all_tasks() if t.get_coro().__name__ == "_serve")
+
+    for _ in range(100):  # its task ends: not stuck in a close that waits for a flush
+        if not serving():
+            break
+        await asyncio.sleep(0.05)
+    assert serving() == 0
+    sock.close()
 
 
 async def test_connection_limit(server: tuple[HttpServer, int]) -> None:
