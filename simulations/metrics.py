@@ -19,6 +19,7 @@ from meshd.core.membership import (
     push_pull_scale,
     retransmit_limit,
     suspicion_bounds,
+    suspicion_floor,
 )
 from meshd.core.pull import RECORD_WANT_RETRY
 from simulations.engine import BroadcastRecord, CrashRecord, Simulation
@@ -63,10 +64,14 @@ def formulas(sim: Simulation) -> dict[str, Any]:
     """The core's own bounds for this cluster size, to read the measurements against."""
     t, n = sim.timing, sim.n
     low, high = suspicion_bounds(t, n)
+    floor, k_floor = suspicion_floor(t, n)
     return {
         "suspicion_min_s": round(low, 3),
         "suspicion_max_s": round(high, 3),
         "expected_confirmations": expected_confirmations(t, n),
+        # Below memberlist's minimum after k_floor confirmations (0: not at this size).
+        "suspicion_floor_s": round(floor, 3),
+        "floor_confirmations": k_floor,
         "retransmit_limit": retransmit_limit(t.retransmit_mult, n),
         "probe_interval_s": t.probe_interval,
         "probe_timeout_s": t.probe_timeout,

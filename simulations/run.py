@@ -167,7 +167,8 @@ def summary(doc: dict[str, Any]) -> str:
         f = r["formulas"]
         lines.append(
             f"    suspicion min/max={f['suspicion_min_s']}/{f['suspicion_max_s']}s "
-            f"K={f['expected_confirmations']} retransmit={f['retransmit_limit']} "
+            f"K={f['expected_confirmations']} floor={f['suspicion_floor_s']}s after "
+            f"{f['floor_confirmations']} retransmit={f['retransmit_limit']} "
             f"push-pull every {f['push_pull_interval_scaled_s']}s per node"
         )
         for c in r["crashes"]:

@@ -55,7 +55,7 @@ from typing import Any
 
 import pytest
 
-from meshd.core.membership import PROFILES, Timing, suspicion_bounds
+from meshd.core.membership import PROFILES, Timing, suspicion_bounds, suspicion_floor
 from meshd.demo import LocalCluster
 
 pytestmark = pytest.mark.integration
@@ -70,7 +70,9 @@ LEADER = NAMES[0]
 PUSH_PULL = 5.0
 TIMING = dataclasses.replace(PROFILES["lan"], push_pull_interval=PUSH_PULL)
 RUN_ARGS = ("--profile", "lan", "--timing", f"push_pull_interval={PUSH_PULL}s")
-LOW, HIGH = suspicion_bounds(TIMING, N)
+_, HIGH = suspicion_bounds(TIMING, N)
+#: The shortest a suspicion lasts: after two confirmations (3 s at 20 members).
+FLOOR, _ = suspicion_floor(TIMING, N)
 #: Node i joins through node (i - 1) // FANOUT: n01..n04 through the leader, the rest
 #: through them.
 FANOUT = 4
@@ -347,12 +349,12 @@ def scenario(
     assert not ref.unrefuted, (ref.unrefuted[:10], watch.load())
     assert ref.longest_dead <= REFUTE_BOUND, ref
     if not lossy:
-        # No live member is ever suspect or dead, and DEAD only after the minimum timeout.
+        # No live member is ever suspect or dead, and DEAD only after the floor.
         others_seen = {s for m in others for s in watch.states(m)}
         assert others_seen == {"alive"}, (others_seen, watch.load())
         assert ref.suspicions == 0 and not ref.false_deads, (ref, watch.load())
         first_suspect = min(c.at for c in changes if c.member == victim and c.state == "suspect")
-        assert min(dead_at.values()) - first_suspect >= LOW - 0.1
+        assert min(dead_at.values()) - first_suspect >= FLOOR - 0.1
     return {
         "setup_s": round(setup, 1),
         "converge_s": round(converge, 2),

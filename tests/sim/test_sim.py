@@ -13,7 +13,12 @@ from typing import Any
 
 import pytest
 
-from meshd.core.membership import push_pull_scale, retransmit_limit, suspicion_bounds
+from meshd.core.membership import (
+    push_pull_scale,
+    retransmit_limit,
+    suspicion_bounds,
+    suspicion_floor,
+)
 from meshd.core.pull import RECORD_WANT_RETRY, RECORD_WANT_TRIES
 from simulations import metrics, scenario
 from simulations.engine import Simulation
@@ -160,9 +165,12 @@ def test_crash_detected_by_everyone_within_the_formula_bound(
     assert crash["observers"] == sc.nodes - 1
     assert crash["fraction"] == 1.0
     assert crash["dead_s"]["max"] <= last_bound
-    # Lifeguard's confirmations shrink the first timeout from max to min.
+    # Lifeguard's confirmations shrink the first timeout from max to min, and further
+    # ones to the floor below it, never lower.
     assert crash["dead_s"]["median"] <= median_bound
-    assert crash["dead_s"]["median"] >= suspicion_bounds(sc.build_timing(), sc.nodes)[0]
+    floor, k_floor = suspicion_floor(sc.build_timing(), sc.nodes)
+    assert k_floor == 2
+    assert crash["dead_s"]["median"] >= floor
 
 
 def test_no_live_node_declared_dead_at_one_percent_loss(
@@ -285,6 +293,10 @@ def test_lifeguard_cuts_false_suspicions_of_healthy_nodes() -> None:
     on = run(sc, seed=4, lifeguard=True)[1]["false_positives"]
     off = run(sc, seed=4, lifeguard=False)[1]["false_positives"]
     assert off["suspect"]["about_healthy_nodes"] > 1_000  # the anomaly is real
-    assert on["dead"]["events"] <= off["dead"]["events"]
+    # No healthy member is declared DEAD. A slow one, refuting up to 2 s late, can miss
+    # the suspicion floor (3 s here after two confirmations) now and then: 1 DEAD event
+    # at this seed (1,264 with a 2.2 s floor, which the test must catch).
+    assert on["dead"]["about_healthy_nodes"] == 0
+    assert on["dead"]["about_slow_nodes"] <= 20
     assert on["suspect"]["events"] <= off["suspect"]["events"]
     assert 5 * on["suspect"]["about_healthy_nodes"] <= off["suspect"]["about_healthy_nodes"]

@@ -39,6 +39,7 @@ from meshd.core.membership import (
     push_pull_scale,
     retransmit_limit,
     suspicion_bounds,
+    suspicion_floor,
     suspicion_timeout,
 )
 
@@ -536,6 +537,119 @@ def test_small_cluster_uses_min_timeout() -> None:
     low, _ = suspicion_bounds(LOCAL, 3)
     suspect_at(solo, 2, by=1)
     assert dead_time(solo, 2) - NOW0 == pytest.approx(low, abs=0.02)
+
+
+# The suspicion floor (``suspicion_floor``): confirmations beyond memberlist's minimum.
+LAN = PROFILES["lan"]
+
+
+def test_floor_formula() -> None:
+    assert suspicion_floor(LAN, 1000) == (pytest.approx(3.0), 2)  # 12 s in memberlist
+    assert suspicion_floor(LAN, 500) == (pytest.approx(3.0), 2)  # never below three probes
+    assert suspicion_floor(LAN, 10_000) == (pytest.approx(4.0), 3)  # one more per tenfold
+    assert suspicion_floor(LAN, 20) == (pytest.approx(3.0), 2)
+    assert suspicion_floor(replace(LAN, suspicion_floor_mult=0.5), 20) == (1.5, 2)
+    # Off: memberlist's minimum and no K_floor.
+    for timing, n in [
+        (LAN, 3),  # n - 2 < K
+        (replace(LAN, lifeguard=False), 1000),
+        (replace(LAN, suspicion_floor_confirmations=0), 1000),
+        (replace(LAN, suspicion_floor_mult=4.0), 1000),  # not below the minimum
+        (PROFILES["wan"], 1000),
+        (LOCAL, 1000),
+    ]:
+        assert suspicion_floor(timing, n) == (suspicion_bounds(timing, n)[0], 0)
+    low, high = suspicion_bounds(LAN, 1000)
+    floor, kf = suspicion_floor(LAN, 1000)
+    lifeguard_1 = suspicion_timeout(low, high, 1, 2)
+    assert suspicion_timeout(low, high, 0, 2, floor, kf) == high  # a lone accusation
+    one = suspicion_timeout(low, high, 1, 2, floor, kf)
+    assert one == pytest.approx(high - (high - floor) * math.log(2) / math.log(3))
+    assert one < lifeguard_1
+    assert suspicion_timeout(low, high, 2, 2, floor, kf) == pytest.approx(floor)
+    assert suspicion_timeout(low, high, 9, 2, floor, kf) == pytest.approx(floor)
+
+
+@given(
+    low=st.floats(0.1, 100.0),
+    max_mult=st.floats(1.0, 10.0),
+    floor_frac=st.floats(0.01, 1.5),
+    k=st.integers(0, 6),
+    k_floor=st.integers(0, 10),
+)
+def test_timeout_monotone_and_bounded(
+    low: float, max_mult: float, floor_frac: float, k: int, k_floor: int
+) -> None:
+    high, floor = low * max_mult, low * floor_frac
+    active = k >= 1 and k_floor >= 1 and floor < low
+    lowest = floor if active else low
+    prev = math.inf
+    for c in range(max(k, k_floor) + 3):
+        t = suspicion_timeout(low, high, c, k, floor, k_floor)
+        assert t <= prev
+        assert lowest <= t <= high
+        assert t <= suspicion_timeout(low, high, c, k)  # never longer than memberlist's
+        prev = t
+    assert prev == lowest
+    if k >= 1:
+        assert suspicion_timeout(low, high, 0, k, floor, k_floor) == high
+
+
+def lan_solo() -> tuple[Solo, float, float, float]:
+    """n = 11 with the LAN profile: low 4.17 s, high 25 s, floor 3 s after 2 confirmations."""
+    solo = Solo(members=10, timing=LAN)
+    low, high = suspicion_bounds(LAN, 11)
+    floor, kf = suspicion_floor(LAN, 11)
+    assert (floor, kf) == (3.0, 2) and low > 4.0
+    return solo, low, high, floor
+
+
+def test_lone_accusation_keeps_the_maximum_timeout() -> None:
+    solo, _, high, _ = lan_solo()
+    t0 = solo.now
+    suspect_at(solo, 5, by=1)
+    assert dead_time(solo, 5) - t0 == pytest.approx(high, abs=0.02)
+
+
+def test_independent_confirmations_reach_the_floor() -> None:
+    solo, _, _, floor = lan_solo()
+    t0 = solo.now
+    for by in (1, 2, 3):  # the accuser and K_floor = 2 confirmations
+        suspect_at(solo, 5, by=by)
+    assert dead_time(solo, 5) - t0 == pytest.approx(floor, abs=0.02)
+
+
+def test_repeated_confirmations_from_one_member_count_once() -> None:
+    solo, low, high, floor = lan_solo()
+    t0 = solo.now
+    for by in (1, 2, 2, 1, 2):
+        suspect_at(solo, 5, by=by)
+    expected = suspicion_timeout(low, high, 1, 2, floor, 2)
+    assert expected > low  # one confirmation: well above memberlist's minimum, too
+    assert dead_time(solo, 5) - t0 == pytest.approx(expected, abs=0.02)
+
+
+def test_a_confirmation_after_the_floor_has_passed_is_dead_at_once() -> None:
+    solo, _, _, floor = lan_solo()
+    suspect_at(solo, 5, by=1)
+    suspect_at(solo, 5, by=2)
+    solo.run(solo.now + floor + 1.0)
+    assert solo.state(5) == (SUSPECT, 0)
+    suspect_at(solo, 5, by=3)
+    assert solo.state(5) == (DEAD, 0)
+
+
+def test_refutation_cancels_a_confirmed_suspicion() -> None:
+    solo, _, high, floor = lan_solo()
+    suspect_at(solo, 5, by=1)
+    suspect_at(solo, 5, by=2)
+    solo.run(solo.now + floor / 2)
+    alive = {"k": "alive", "id": nid(5), "inc": 1, "a": "10.0.0.5:7946"}
+    solo.recv({"k": "gossip", "g": [alive]})
+    assert solo.state(5) == (ALIVE, 1)
+    suspect_at(solo, 5, by=3)  # a confirmation of the refuted accusation counts for nothing
+    solo.run(solo.now + high + 1.0)
+    assert solo.state(5) == (ALIVE, 1)
 
 
 def test_ping_to_a_suspect_carries_the_suspicion() -> None:

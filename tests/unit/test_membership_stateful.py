@@ -332,9 +332,18 @@ class MembershipCluster(RuleBasedStateMachine):
         small=st.booleans(),
         learn=st.booleans(),
         seed=st.integers(0, 2**32 - 1),
+        floor=st.booleans(),
     )
-    def start(self, n: int, lifeguard: bool, small: bool, learn: bool, seed: int) -> None:
-        self.timing = replace(BASE, lifeguard=lifeguard, max_packet=300 if small else 1_200)
+    def start(
+        self, n: int, lifeguard: bool, small: bool, learn: bool, seed: int, floor: bool
+    ) -> None:
+        # floor: the lan profile's suspicion floor (0.6 s here, after 2 confirmations).
+        self.timing = replace(
+            BASE,
+            lifeguard=lifeguard,
+            max_packet=300 if small else 1_200,
+            suspicion_floor_confirmations=2 if floor else 0,
+        )
         self.learn = learn
         self.n, self.seed = n, seed
         self.lives = [None] * n
