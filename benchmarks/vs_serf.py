@@ -14,10 +14,10 @@ What is measured, per cluster:
    every agent counts N members, all alive (Serf RPC ``stats``: members - failed
    - left; meshd ``GET /v1/status``: ``members.alive`` and ``member_count``).
    ``launch_to_converged_s`` counts from the start of the last agent instead (Serf:
-   the spawn of ``serf agent -join``; meshd: the start of its ``meshd join`` when
-   agents start a few at a time, the spawn of the last ``meshd run`` when all start
-   at once). It includes start-up: Python imports for meshd, which dominate on a
-   small machine.
+   the spawn of ``serf agent -join``; meshd: the spawn of ``meshd up``, which joins
+   and then runs in one process, when agents start a few at a time, the spawn of the
+   last ``meshd run`` when all start at once). It includes start-up: Python imports
+   for meshd, which dominate on a small machine.
 
    **Start-up.** By default at most ``--start-concurrency`` (the CPU count) agents
    start at once, each counted as starting until it answers with another member:
@@ -25,11 +25,11 @@ What is measured, per cluster:
    importing at once on 2 CPUs (about 0.3 s of CPU each) starve each other for tens
    of seconds, which turns start-up into a measure of CPU starvation (probes time out
    against agents that have no CPU). ``--start-concurrency 0`` spawns every agent at
-   once (meshd: after all the joins, 4 at a time), as earlier versions did. A meshd
-   agent is admitted by ``meshd join`` (the leader leases its block and gossips its
-   record) before ``meshd run`` starts, so when agents start one by one the others
-   already list it, alive, by the time it answers: its convergence after it is up is
-   often 0.
+   once (meshd: ``meshd join`` for all, 4 at a time, then every ``meshd run``), as
+   earlier versions did. A meshd agent is admitted during its join (the leader leases
+   its block and gossips its record) before it serves HTTP, so when agents start one
+   by one the others often list it, alive, by the time it answers: its convergence
+   after it is up is then 0.
 2. **dissemination**, twice:
    *agent-stamped*: Serf: a user event (RPC ``event``, no coalescing) sent to one
    agent, until every agent's event handler has run; the handler stamps the time
@@ -99,6 +99,7 @@ import ctypes
 import datetime
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -264,30 +265,46 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 
 class PortPool:
-    """Free loopback ports, never the same one twice in a run."""
+    """Free loopback ports, never the same one twice in a run, taken below the kernel's
+    ephemeral range: a port the kernel handed out (bind to 0) and we released could be
+    given to an outgoing connection before the agent binds it, which happened to a Serf
+    agent once agents started a few at a time (bind: address already in use)."""
 
     def __init__(self) -> None:
         self.used: set[int] = set()
+        low, _ = ephemeral_range()
+        self.candidates = list(range(max(1_024, low - 12_000), low))
+        random.Random(os.getpid()).shuffle(self.candidates)
+
+    def _free(self, port: int, kind: int) -> bool:
+        with socket.socket(socket.AF_INET, kind) as sock:
+            try:
+                sock.bind((LOOPBACK, port))
+            except OSError:
+                return False
+        return True
 
     def take(self, tcp: bool = False, udp: bool = False) -> int:
+        kinds = [k for k, want in ((socket.SOCK_STREAM, tcp), (socket.SOCK_DGRAM, udp)) if want]
         for _ in range(1_000):
-            with contextlib.ExitStack() as stack:
-                first = stack.enter_context(
-                    socket.socket(socket.AF_INET, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
-                )
-                first.bind((LOOPBACK, 0))
-                port = int(first.getsockname()[1])
-                if port in self.used:
-                    continue
-                if tcp and udp:  # Serf binds the same port for TCP and UDP
-                    other = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-                    try:
-                        other.bind((LOOPBACK, port))
-                    except OSError:
-                        continue
+            if not self.candidates:
+                break
+            port = self.candidates.pop()
+            if port in self.used:
+                continue
+            if all(self._free(port, kind) for kind in kinds or [socket.SOCK_STREAM]):
                 self.used.add(port)
                 return port
         raise RuntimeError("no free loopback port found in 1000 tries")
+
+
+def ephemeral_range(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> tuple[int, int]:
+    """The kernel's range for ports it picks itself (Linux default 32768-60999)."""
+    try:
+        low, high = (int(x) for x in Path(path).read_text().split())
+    except (OSError, ValueError):
+        return 32_768, 60_999
+    return low, high
 
 
 # ----------------------------------------------------------------------------- /proc
@@ -436,9 +453,9 @@ class Cluster:
         self, names: Sequence[str], start: Callable[[str], Awaitable[None]], concurrency: int
     ) -> float:
         """Start ``names`` with at most ``concurrency`` of them starting at once: each
-        ``start(name)`` (which spawns it; meshd: joins, then spawns) then waits until it
-        answers with another member in its counts. The monotonic time of the last
-        ``start`` call (Serf: the spawn of an agent that joins; meshd: its `meshd join`)."""
+        ``start(name)`` (which spawns it: ``serf agent -join``, ``meshd up``) then waits
+        until it answers with another member in its counts. The monotonic time of the
+        last spawn."""
         sem = asyncio.Semaphore(concurrency)
         last = time.monotonic()
 
@@ -653,9 +670,12 @@ class MeshdCluster(Cluster):
             raise RuntimeError(f"meshd {args[0]} failed: {err.decode().strip()}")
         return out.decode()
 
-    def _spawn_run(self, name: str) -> None:
+    def _spawn_run(self, name: str, *up: str) -> None:
+        """Spawn ``meshd run``, or ``meshd up`` (join, then run, one process) when ``up``
+        holds the join arguments."""
         argv = [
-            sys.executable, "-m", "meshd", "run", "--data-dir", str(self.datadir(name)),
+            sys.executable, "-m", "meshd", "up" if up else "run",
+            "--data-dir", str(self.datadir(name)), *up,
             "--http", f"{LOOPBACK}:{self.http[name]}", "--wg-backend", "none",
             "--profile", "lan", "--log-format", "json",
         ]  # fmt: skip
@@ -674,21 +694,22 @@ class MeshdCluster(Cluster):
         )
         sem = asyncio.Semaphore(self.join_concurrency)
 
-        async def join(name: str) -> None:
-            t0 = time.perf_counter()
-            await self._meshd(
-                "join", "--data-dir", str(self.datadir(name)), "--name", name,
-                "--listen", f"{LOOPBACK}:{self.udp[name]}",
+        def join_args(name: str) -> list[str]:
+            return [
+                "--name", name, "--listen", f"{LOOPBACK}:{self.udp[name]}",
                 "--seed", f"{LOOPBACK}:{self.udp[seed]}", "--token", token.strip(),
                 "--timeout", "30s",
-            )  # fmt: skip
+            ]  # fmt: skip
+
+        async def join(name: str) -> None:
+            t0 = time.perf_counter()
+            await self._meshd("join", "--data-dir", str(self.datadir(name)), *join_args(name))
             self.join_ms.append((time.perf_counter() - t0) * 1000)
 
-        if self.start_concurrency > 0:  # `meshd up` host by host: join, then run
+        if self.start_concurrency > 0:  # host by host, as a user does: `meshd up`
 
             async def start(name: str) -> None:
-                await join(name)
-                self._spawn_run(name)
+                self._spawn_run(name, *join_args(name))
 
             return await self.start_staggered(self.names[1:], start, self.start_concurrency)
 
