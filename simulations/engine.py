@@ -54,6 +54,7 @@ from meshd.core.membership import (
     MemberView,
     Piggyback,
     Refuted,
+    SharedView,
     SyncNeeded,
     Timing,
     suspicion_bounds,
@@ -748,15 +749,14 @@ class Simulation:
         if s.bootstrap == "full":
             # Every view complete at t=0: the state a cluster reaches once join and
             # record sync are done, which is where failure detection starts.
-            # The ids, address tuples, incarnation 0 and time 0.0 are single objects
-            # shared by every view; the loops run in C (map, deque) around the public
-            # calls. add_member sees each node's own id too, which the core ignores.
-            ids, addrs = self.ids, self.addrs
-            zeros = [0] * n
+            # One SharedView: every core references the same n immutable member entries
+            # and copies one only when that member's state changes in its view (the
+            # core's own bulk path; the node's own id in it is left out by each core).
+            view = SharedView(zip(self.ids, self.addrs, [0] * n, strict=True), 0.0)
             for i in range(n):
                 m = self._new_core(i, 0)
                 # The view rows below account for what MemberJoined events would say.
-                m.add_members(zip(ids, addrs, zeros, strict=True), 0.0, events=False)
+                m.add_members(view, 0.0, events=False)
                 calls += n
                 self.nodes[i] = m
                 row = bytearray(b"\x01") * n

@@ -34,6 +34,7 @@ from meshd.core.membership import (
     MemberStateChanged,
     Piggyback,
     Refuted,
+    SharedView,
     Timing,
     expected_confirmations,
     push_pull_scale,
@@ -1350,6 +1351,67 @@ def test_add_members_builds_the_view_add_member_builds() -> None:
         assert sorted(m._probe_list[m._probe_idx :]) == sorted(nid(i) for i in range(1, 40))
     with pytest.raises(ValueError, match="bytes"):
         bulk.add_members([(b"short", addr(1), 0)], NOW0)
+
+
+def test_shared_view_builds_the_view_tuples_build_and_stays_shared_until_changed() -> None:
+    """A SharedView (the simulator's bootstrap) gives a core the same member table, probe
+    order, events, digests and push-pull entries as the same members given as tuples,
+    and a core that changes a member copies that entry: other cores holding the same
+    view do not see the change."""
+    members = [(nid(i), addr(i), i % 2) for i in range(40)]
+    view = SharedView(members, NOW0)
+    cores = {
+        name: Membership(nid(0), addr(0), LOCAL, random.Random(7), NOW0)
+        for name in ("tuples", "shared", "bystander")
+    }
+    cores["tuples"].add_members(members, NOW0)
+    cores["shared"].add_members(view, NOW0)
+    cores["bystander"].add_members(view, NOW0, events=False)
+
+    def snapshot(m: Membership) -> list[Any]:
+        m.set_version(nid(6), 3)
+        m.push_pull(NOW0 + 0.5, addr(9))
+        # A partner whose digest matches nothing: the core answers with every entry.
+        out = m.messages_to_send()
+        nb = out[-1][0]["nb"]
+        digest = {"k": "pp", "ph": 0, "sid": 1, "from": nid(9), "nb": nb, "h": b"\0" * 4 * nb}
+        m.receive(digest, addr(9), NOW0 + 0.5)
+        out += m.messages_to_send()
+        return [m.members(), m._probe_list, out, list(iter(m.next_event, None))]
+
+    before = snapshot(cores["tuples"])
+    assert snapshot(cores["shared"]) == before
+    news = [
+        {"k": "suspect", "id": nid(3), "inc": 1, "by": nid(9)},
+        {"k": "dead", "id": nid(4), "inc": 0, "by": nid(9)},
+        {"k": "alive", "id": nid(5), "inc": 4, "a": "10.0.0.55:7946"},
+        {"k": "left", "id": nid(8), "inc": 0},
+    ]
+    for name in ("tuples", "shared"):
+        cores[name].receive({"k": "gossip", "g": news}, addr(9), NOW0 + 1)
+    after = snapshot(cores["tuples"])
+    assert after != before
+    assert snapshot(cores["shared"]) == after
+    # The bystander still sees every member ALIVE at its first incarnation.
+    assert [(v.state, v.incarnation) for v in cores["bystander"].members()[1:]] == [
+        (ALIVE, i % 2) for i in range(1, 40)
+    ]
+    shared_entry = cores["bystander"]._members[nid(3)]
+    with pytest.raises(AttributeError, match="read-only"):
+        shared_entry.inc = 5
+    # A core that already knows members takes the view member by member.
+    known = Membership(nid(0), addr(0), LOCAL, random.Random(7), NOW0)
+    known.add_member(nid(3), addr(3), 9, NOW0)
+    known.add_members(view, NOW0)
+    three = known.member(nid(3))
+    assert three is not None and (three.state, three.incarnation) == (ALIVE, 9)
+    assert len(known.members()) == 40
+    with pytest.raises(ValueError, match="time"):
+        known.add_members(view, NOW0 + 1)
+    with pytest.raises(ValueError, match="bytes"):
+        known.add_members(SharedView([(b"short", addr(1), 0)], NOW0), NOW0)
+    with pytest.raises(ValueError, match="once"):
+        SharedView([(nid(1), addr(1), 0)] * 2, NOW0)
 
 
 def test_first_push_pull_is_staggered_over_the_scaled_interval() -> None:
