@@ -2,9 +2,10 @@
 
 Why it is built this way:
 
-* One virtual clock and one heap of ``(time, seq, kind, ...)`` entries: ``seq`` is
-  unique, so ties break in insertion order and a run is a pure function of the
-  scenario and its seed. Every random choice comes from a stream derived from the
+* One virtual clock and one order of ``(time, seq, kind, ...)`` entries (kept in two
+  heaps, datagrams in flight and the rest): ``seq`` is unique, so ties break in
+  insertion order and a run is a pure function of the scenario and its seed. Every
+  random choice comes from a stream derived from the
   seed by name (``random.Random("<seed>:net")``, ``"<seed>:node:<i>:<gen>"``...), so
   adding a crash does not change the latencies other messages see, and string
   seeding does not depend on ``PYTHONHASHSEED``.
@@ -254,7 +255,11 @@ class Simulation:
         self.addr_index = {a: i for i, a in enumerate(self.addrs)}
         self.end = float(scenario.duration)
         self.now = 0.0
+        # Two heaps, one order: datagrams in flight (a few hundred, due within
+        # milliseconds) apart from the timers and actions (one or two per node), so that
+        # the most frequent entries go through a heap of a few levels instead of log2(n).
         self._heap: list[tuple[Any, ...]] = []
+        self._net: list[tuple[Any, ...]] = []
         self._seq = 0
         self.events_processed = 0
 
@@ -397,6 +402,7 @@ class Simulation:
         # The hot path: names are bound locally and a datagram for a node that is not
         # slow is handed to its core inline (the same steps as ``_deliver``).
         heap = self._heap
+        net = self._net
         pop = heapq.heappop
         nodes = self.nodes
         armed = self._armed
@@ -407,9 +413,16 @@ class Simulation:
         count = 0
         try:
             for _ in range(self.scenario.max_events):
-                if not heap or heap[0][0] > self.end:
+                # The earlier of the two heaps' first entries: one order, (time, seq).
+                if net:
+                    first = heap if heap and heap[0] < net[0] else net
+                elif heap:
+                    first = heap
+                else:
                     break
-                entry = pop(heap)
+                if first[0][0] > self.end:
+                    break
+                entry = pop(first)
                 now = self.now = entry[0]
                 kind = entry[2]
                 count += 1
@@ -494,7 +507,9 @@ class Simulation:
         pull = self.pulls[i]
         now = self.now
         if from_timer:
-            pull.retry(now, self._have_fn(i))
+            due = pull.next_retry()
+            if due is not None and due <= now:  # RecordPull.retry would do nothing else
+                pull.retry(now, self._have_fn(i))
         reqs = pull.requests()
         if reqs:
             id_index = self.id_index
@@ -607,7 +622,7 @@ class Simulation:
             return
         self._seq += 1
         t = self.now + self._lat_table[self.net_rng.getrandbits(LATENCY_BITS)]
-        heapq.heappush(self._heap, (t, self._seq, _MSG, dst, self.addrs[i], payload))
+        heapq.heappush(self._net, (t, self._seq, _MSG, dst, self.addrs[i], payload))
 
     def _blocked(self, src: int, dst: int) -> bool:
         for side, one_way in self._partitions:

@@ -634,8 +634,9 @@ class _Broadcasts:
         back: list[tuple[int, int, _Key]] = []
         skips = 0
         heap, items = self._heap, self._items
+        pop = heapq.heappop
         while heap and budget >= _MIN_ITEM and skips < _MAX_SKIPS:
-            entry = heapq.heappop(heap)
+            entry = pop(heap)
             transmits, neg_id, key = entry
             b = items.get(key)
             if b is None or b.id != -neg_id or b.transmits != transmits:
@@ -654,8 +655,9 @@ class _Broadcasts:
                 del items[key]
             else:
                 back.append((b.transmits, neg_id, key))
+        push = heapq.heappush
         for entry in back:
-            heapq.heappush(heap, entry)
+            push(heap, entry)
         return out
 
 
@@ -724,6 +726,8 @@ class Membership:
         self._timers: list[_Timer] = []
         self._timer_count = 0
         self._bq = _Broadcasts()
+        self._limit_n = 0  # the cluster size self._limit was computed for
+        self._limit = 0
         self._out: list[tuple[dict[str, Any], Addr]] = []
         self._events: deque[Event] = deque()
         #: Lifeguard local health (memberlist ``awareness``): 0 is healthy.
@@ -766,7 +770,7 @@ class Membership:
     @property
     def cluster_size(self) -> int:
         """Live members including this node: the ``n`` of every log-scaled formula."""
-        return 1 + len(self._alive) + len(self._suspect)
+        return 1 + len(self._alive.items) + len(self._suspect.items)
 
     def members(self) -> list[MemberView]:
         """This node first, then every member in the view (tombstones included). O(n)."""
@@ -797,24 +801,26 @@ class Membership:
         return self._events.popleft() if self._events else None
 
     def get_timer(self) -> float | None:
-        times: list[float] = []
+        t: float | None = None
         if not self._left:
-            times.append(self._next_probe)
-            if self.timing.push_pull_interval > 0:
-                times.append(self._next_pp)
-            if self._sync_left:
-                times.append(self._sync_at)
+            t = self._next_probe
+            if self.timing.push_pull_interval > 0 and self._next_pp < t:
+                t = self._next_pp
+            if self._sync_left and self._sync_at < t:
+                t = self._sync_at
         p = self._probe
         if p is not None:
-            times.append(p.deadline if p.indirect else p.timeout_at)
-        if self._bq:
-            times.append(self._next_gossip)
+            due = p.deadline if p.indirect else p.timeout_at
+            if t is None or due < t:
+                t = due
+        if self._bq._items and (t is None or self._next_gossip < t):
+            t = self._next_gossip
         heap = self._timers
         while heap and not self._timer_valid(heap[0]):
             heapq.heappop(heap)
-        if heap:
-            times.append(heap[0][0])
-        return min(times) if times else None
+        if heap and (t is None or heap[0][0] < t):
+            t = heap[0][0]
+        return t
 
     # ------------------------------------------------------------------------- inputs
 
@@ -1421,21 +1427,29 @@ class Membership:
         require_items: bool = False,
     ) -> bool:
         """Queue ``msg`` with as much piggyback as fits in ``max_packet`` bytes."""
-        items = list(extra) if extra else []
         budget = self.timing.max_packet - len(wire.pack(msg)) - _G_OVERHEAD
-        budget -= sum(len(wire.pack(x)) for x in items)
-        if self._bq:
-            items.extend(
-                self._bq.take(
-                    budget, retransmit_limit(self.timing.retransmit_mult, self.cluster_size)
-                )
-            )
+        if extra:
+            items = list(extra)
+            budget -= sum(len(wire.pack(x)) for x in items)
+        else:
+            items = []
+        if self._bq._items:
+            items.extend(self._bq.take(budget, self._retransmit_limit()))
         if items:
             msg["g"] = items
         elif require_items:
             return False
         self._out.append((msg, addr))
         return True
+
+    def _retransmit_limit(self) -> int:
+        """:func:`retransmit_limit` for the current cluster size (kept until it changes:
+        it is asked for on every datagram sent)."""
+        n = self.cluster_size
+        if n != self._limit_n:
+            self._limit_n = n
+            self._limit = retransmit_limit(self.timing.retransmit_mult, n)
+        return self._limit
 
     def _queue_member(self, node_id: bytes, item: dict[str, Any]) -> None:
         self._bq.put((_MEMBER_KEY, node_id), item, len(wire.pack(item)))
@@ -1734,7 +1748,9 @@ class Membership:
         """Up to ``k`` distinct random members from the union of ``bags``, O(k) expected
         (memberlist ``kRandomNodes`` scans all n; we pick indices instead)."""
         bags = tuple(bags)
-        total = sum(len(b) for b in bags)
+        total = 0
+        for b in bags:
+            total += len(b.items)
         if k <= 0 or total == 0:
             return []
         if total <= 4 * k + 2 * len(exclude) + 8:
@@ -1755,7 +1771,8 @@ class Membership:
 def _pick(bags: tuple[_Bag, ...], i: int) -> bytes:
     """The ``i``-th element of the concatenation of ``bags``."""
     for b in bags:
-        if i < len(b):
-            return b.items[i]
-        i -= len(b)
+        items = b.items
+        if i < len(items):
+            return items[i]
+        i -= len(items)
     raise IndexError(i)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
 
@@ -106,9 +107,19 @@ def parse_header(data: bytes) -> Kind:
 # --------------------------------------------------------------------------- msgpack
 
 
+_packers = threading.local()
+
+
 def pack(obj: Any) -> bytes:
-    """Encode with the options every meshd encoder uses (bin type, no ext)."""
-    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+    """Encode with the options every meshd encoder uses (bin type, no ext).
+
+    One packer per thread, kept: ``msgpack.packb`` builds a packer (and its 1 MB
+    buffer) per call, which made a small message cost 1.4 us instead of 0.7."""
+    try:
+        packer = _packers.packer
+    except AttributeError:
+        packer = _packers.packer = msgpack.Packer(use_bin_type=True)
+    return packer.pack(obj)  # type: ignore[no-any-return]
 
 
 def unpack(
