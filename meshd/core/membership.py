@@ -919,7 +919,7 @@ class Membership:
         """New probe targets go into the unprobed rest of the round, in random order."""
         if new:
             rest = self._probe_list[self._probe_idx :] + new
-            self._rng.shuffle(rest)
+            shuffle(self._rng, rest)
             self._probe_list[self._probe_idx :] = rest
 
     def set_version(self, node_id: bytes, version: int) -> None:
@@ -1108,7 +1108,7 @@ class Membership:
         for _ in range(len(self._probe_list) + 2):
             if self._probe_idx >= len(self._probe_list):
                 self._probe_list = self._alive.items + self._suspect.items
-                self._rng.shuffle(self._probe_list)
+                shuffle(self._rng, self._probe_list)
                 self._probe_idx = 0
                 if not self._probe_list:
                     return None
@@ -1766,6 +1766,29 @@ class Membership:
                 if len(out) == k:
                     break
         return out
+
+
+def shuffle(rng: random.Random, x: list[Any]) -> None:
+    """``rng.shuffle(x)``, drawing the same numbers in the same order (CPython's
+    Fisher-Yates, each index from ``getrandbits`` with rejection) at 0.15 us an item
+    instead of 0.4: the bit length is worked out once per power of two rather than per
+    item, and no method is called per item. The probe order of a 10,000-member view is
+    such a shuffle, done by each of 10,000 simulated cores at start. A subclass of
+    ``random.Random`` gets its own ``shuffle``. The unit tests compare the two."""
+    if type(rng) is not random.Random:
+        rng.shuffle(x)
+        return
+    bits = rng.getrandbits
+    top = len(x) - 1
+    while top > 0:
+        k = (top + 1).bit_length()
+        low = 1 << (k - 1)  # the smallest i + 1 with this bit length
+        for i in range(top, low - 2, -1):
+            j = bits(k)
+            while j > i:
+                j = bits(k)
+            x[i], x[j] = x[j], x[i]
+        top = low - 2
 
 
 def _pick(bags: tuple[_Bag, ...], i: int) -> bytes:
