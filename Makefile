@@ -70,7 +70,7 @@ bench-wg: deps bench-deps setup
 	$(BIN)/python -m benchmarks.run --only wg $(BENCH_ARGS)
 
 # The standard simulation scenarios (simulations/README.md). The 10,000-node one needs
-# about 17 GB of memory: where it is not available it is skipped, the others still run,
+# about 9 GB of memory: where it is not available it is skipped, the others still run,
 # and the exit status says so. matplotlib (the `sim` extra) draws the PNGs.
 sim: setup
 	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/pip install --quiet -e '.[sim]'
