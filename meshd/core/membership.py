@@ -426,9 +426,12 @@ class _Bag:
 
     def extend_new(self, xs: list[bytes]) -> None:
         """Add items none of which is in the bag yet (nor twice in ``xs``), at C speed."""
+        if not xs:
+            return
         start = len(self.items)
         self.items.extend(xs)
-        shared = _POSITIONS[start:]
+        _position(start + len(xs) - 1)  # grows the shared ints as far as they go
+        shared = _POSITIONS[start : start + len(xs)]
         self.pos.update(zip(xs, chain(shared, count(start + len(shared))), strict=False))
 
     def discard(self, x: bytes) -> None:

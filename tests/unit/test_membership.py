@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from meshd.core import wire
+from meshd.core import membership, wire
 from meshd.core.membership import (
     PROFILES,
     Event,
@@ -1397,6 +1397,14 @@ def test_shared_view_builds_the_view_tuples_build_and_stays_shared_until_changed
     assert [(v.state, v.incarnation) for v in cores["bystander"].members()[1:]] == [
         (ALIVE, i % 2) for i in range(1, 40)
     ]
+    # The bag positions are the module's shared ints, not one new int per entry (only
+    # -5..256 are shared by CPython itself).
+    big = Membership(nid(0), addr(0), LOCAL, random.Random(7), NOW0)
+    big.add_members(
+        SharedView([(i.to_bytes(16, "big"), addr(1), 0) for i in range(1, 3000)], NOW0), NOW0
+    )
+    bag = big._alive
+    assert all(bag.pos[x] is membership._POSITIONS[i] for i, x in enumerate(bag.items))
     shared_entry = cores["bystander"]._members[nid(3)]
     with pytest.raises(AttributeError, match="read-only"):
         shared_entry.inc = 5
