@@ -48,6 +48,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
 
+from meshd.demo import free_port as demo_free_port
+
 NAME: Final = "dns"
 MEMBERS: Final = 200
 RATE: Final = 5_000
@@ -128,17 +130,7 @@ def write_inputs(zone: Any, root: Path, queries: int, seed: int = 1) -> tuple[Pa
 
 def free_port() -> int:
     """A port free for both UDP and TCP on 127.0.0.1."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind(("127.0.0.1", 0))
-            port = int(u.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-                try:
-                    t.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free port")
+    return demo_free_port(socket.SOCK_DGRAM, also_tcp=True)
 
 
 def wait_udp(port: int, timeout: float = 20.0) -> None:

@@ -99,7 +99,6 @@ import ctypes
 import datetime
 import json
 import os
-import random
 import re
 import shutil
 import signal
@@ -128,6 +127,7 @@ from benchmarks.common import (
 )
 from benchmarks.httpclient import KeepAliveClient
 from benchmarks.join_rtt import bytecode_cache
+from meshd.demo import free_port
 
 NAME: Final = "vs_serf"
 LOOPBACK: Final = "127.0.0.1"
@@ -265,46 +265,20 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 
 class PortPool:
-    """Free loopback ports, never the same one twice in a run, taken below the kernel's
-    ephemeral range: a port the kernel handed out (bind to 0) and we released could be
-    given to an outgoing connection before the agent binds it, which happened to a Serf
-    agent once agents started a few at a time (bind: address already in use)."""
+    """Free loopback ports (:func:`meshd.demo.free_port`: below the kernel's ephemeral
+    range), never the same one twice in a run."""
 
     def __init__(self) -> None:
         self.used: set[int] = set()
-        low, _ = ephemeral_range()
-        self.candidates = list(range(max(1_024, low - 12_000), low))
-        random.Random(os.getpid()).shuffle(self.candidates)
-
-    def _free(self, port: int, kind: int) -> bool:
-        with socket.socket(socket.AF_INET, kind) as sock:
-            try:
-                sock.bind((LOOPBACK, port))
-            except OSError:
-                return False
-        return True
 
     def take(self, tcp: bool = False, udp: bool = False) -> int:
-        kinds = [k for k, want in ((socket.SOCK_STREAM, tcp), (socket.SOCK_DGRAM, udp)) if want]
+        kind = socket.SOCK_DGRAM if udp else socket.SOCK_STREAM
         for _ in range(1_000):
-            if not self.candidates:
-                break
-            port = self.candidates.pop()
-            if port in self.used:
-                continue
-            if all(self._free(port, kind) for kind in kinds or [socket.SOCK_STREAM]):
+            port = free_port(kind, also_tcp=tcp and udp)
+            if port not in self.used:
                 self.used.add(port)
                 return port
         raise RuntimeError("no free loopback port found in 1000 tries")
-
-
-def ephemeral_range(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> tuple[int, int]:
-    """The kernel's range for ports it picks itself (Linux default 32768-60999)."""
-    try:
-        low, high = (int(x) for x in Path(path).read_text().split())
-    except (OSError, ValueError):
-        return 32_768, 60_999
-    return low, high
 
 
 # ----------------------------------------------------------------------------- /proc
@@ -471,13 +445,8 @@ class Cluster:
 
     async def joined(self, name: str) -> bool:
         """The agent answers and counts another member."""
-        if not self.procs.alive(self.pids[name]):
-            raise RuntimeError(f"{self.system} agent {name} exited; see {self.logs[name]}")
-        try:
-            counts = await asyncio.wait_for(self.counts(name), REQUEST_TIMEOUT_S)
-        except (OSError, ConnectionError, TimeoutError, ValueError):
-            return False
-        return counts.total >= 2
+        counts = await self.counts_if_answering(name)
+        return counts is not None and counts.total >= 2
 
     async def counts(self, name: str) -> Counts:
         """The named agent's member counts (raises if it does not answer)."""
@@ -499,14 +468,17 @@ class Cluster:
     async def close(self) -> None:
         """Release client resources (the processes are stopped by ``Processes``)."""
 
-    async def answers(self, name: str) -> bool:
+    async def counts_if_answering(self, name: str) -> Counts | None:
+        """The agent's counts, None while it does not answer; RuntimeError if it exited."""
         if not self.procs.alive(self.pids[name]):
             raise RuntimeError(f"{self.system} agent {name} exited; see {self.logs[name]}")
         try:
-            await asyncio.wait_for(self.counts(name), REQUEST_TIMEOUT_S)
+            return await asyncio.wait_for(self.counts(name), REQUEST_TIMEOUT_S)
         except (OSError, ConnectionError, TimeoutError, ValueError):
-            return False
-        return True
+            return None
+
+    async def answers(self, name: str) -> bool:
+        return await self.counts_if_answering(name) is not None
 
     def log_offsets(self) -> dict[str, int]:
         out = {}

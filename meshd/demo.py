@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -36,10 +37,41 @@ from typing import Any
 CLONE_NEWNET = 0x40000000
 
 
-def free_port(kind: int = socket.SOCK_DGRAM) -> int:
+#: How far below the kernel's ephemeral range :func:`free_port` draws its ports.
+PORT_SPAN = 12_000
+
+
+def ephemeral_range(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> tuple[int, int]:
+    """The kernel's range for ports it picks itself (Linux default 32768-60999)."""
+    try:
+        low, high = (int(x) for x in Path(path).read_text().split())
+    except (OSError, ValueError):
+        return 32_768, 60_999
+    return low, high
+
+
+def _bindable(port: int, kind: int) -> bool:
     with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(kind: int = socket.SOCK_DGRAM, *, also_tcp: bool = False) -> int:
+    """A port free on 127.0.0.1 for ``kind`` (and for TCP as well with ``also_tcp``),
+    drawn below the kernel's ephemeral range: a port the kernel picked for a bind to 0
+    and we released can go to an outgoing connection before the process given it binds
+    it (a Serf agent of benchmarks/vs_serf.py failed so: "address already in use")."""
+    low, _ = ephemeral_range()
+    first = max(1_024, low - PORT_SPAN)
+    kinds = (kind, socket.SOCK_STREAM) if also_tcp else (kind,)
+    for _ in range(200):
+        port = random.randrange(first, low)
+        if all(_bindable(port, k) for k in kinds):
+            return port
+    raise RuntimeError(f"no free port on 127.0.0.1 between {first} and {low}")
 
 
 def _setns(fd: int) -> None:
@@ -96,28 +128,21 @@ class LocalCluster:
         self._ports: set[tuple[int, int]] = set()
         self._ports_lock = threading.Lock()  # joins may run in threads
 
-    def port(self, kind: int = socket.SOCK_DGRAM) -> int:
+    def port(self, kind: int = socket.SOCK_DGRAM, *, also_tcp: bool = False) -> int:
         """A free port never handed out before by this cluster (free_port alone may return
-        a port again once it was released, before the agent given it has bound it)."""
+        a port again before the agent given it has bound it)."""
         for _ in range(100):
-            port = free_port(kind)
+            port = free_port(kind, also_tcp=also_tcp)
+            keys = {(kind, port), (socket.SOCK_STREAM, port)} if also_tcp else {(kind, port)}
             with self._ports_lock:
-                if (kind, port) not in self._ports:
-                    self._ports.add((kind, port))
+                if not keys & self._ports:
+                    self._ports |= keys
                     return port
         raise RuntimeError("no unused port found")
 
     def port_udp_tcp(self) -> int:
         """A port never handed out before that is free for TCP as well (DNS uses both)."""
-        for _ in range(50):
-            port = self.port()
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            return port
-        raise RuntimeError("no port free for both UDP and TCP")
+        return self.port(also_tcp=True)
 
     def meshd(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
