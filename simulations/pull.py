@@ -1,18 +1,11 @@
-"""The announcement a simulated node gossips for a new record version.
-
-The pull that follows is the node's own code, :class:`meshd.core.pull.RecordPull`, run
-for every simulated node over a plain "version held" lookup (no store, no signatures).
+"""The record pull of a simulated node: the node's own code,
+:class:`meshd.core.pull.RecordPull`, run for every simulated node over a plain "version
+held" lookup (no store, no signatures), announced with the node's own
+:func:`meshd.core.pull.announcement`.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from meshd.core.pull import RecordPull
+from meshd.core.pull import RecordPull, announcement
 
 __all__ = ["RecordPull", "announcement"]
-
-
-def announcement(node_id: bytes, seq: int) -> tuple[dict[str, Any], bytes]:
-    """``Node._broadcast_record``'s item and queue key."""
-    return {"k": "v", "id": node_id, "s": seq}, b"r" + node_id

@@ -59,7 +59,7 @@ from meshd.core.membership import (
     Timing,
 )
 from meshd.core.paths import GossipPaths, Observed, PathChanged, PathPolicy
-from meshd.core.pull import MAX_RECORD_REQUEST, RecordPull
+from meshd.core.pull import MAX_RECORD_REQUEST, RecordPull, announcement
 from meshd.core.records import DEFAULT_WG_PORT, Merge, PeerRecord, RecordStore, sign_record
 from meshd.core.wire import Addr, DropReason, Keyring, Kind, RandomBytes, WireError
 
@@ -775,7 +775,7 @@ class Node:
         one datagram carries dozens of announcements; a member that lacks that version
         pulls the record from whoever announced it to it (one round trip per hop). Sent
         whole, 100 joins meant 1,200 full-size sends per node, a minute of gossip."""
-        self.swim.broadcast({"k": "v", "id": rec.node_id, "s": rec.seq}, b"r" + rec.node_id)
+        self.swim.broadcast(*announcement(rec.node_id, rec.seq))
 
     def _held(self, nid: bytes) -> int:
         """The version of ``nid``'s record we hold (0: none)."""

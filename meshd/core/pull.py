@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from typing import Final
+from typing import Any, Final
 
 from meshd.core.wire import Addr
 
@@ -32,6 +32,12 @@ MAX_WANTED: Final = 4_096
 
 #: The version of a member's record held now (0: none).
 Held = Callable[[bytes], int]
+
+
+def announcement(node_id: bytes, seq: int) -> tuple[dict[str, Any], bytes]:
+    """The gossip item that announces version ``seq`` of ``node_id``'s record, and its
+    broadcast-queue key (a newer announcement of one record replaces the older)."""
+    return {"k": "v", "id": node_id, "s": seq}, b"r" + node_id
 
 
 class RecordPull:
