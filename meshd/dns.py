@@ -27,14 +27,14 @@ plain A/AAAA/PTR/NXDOMAIN/NODATA question inside a zone (below its apex) is answ
 by encoding the bytes directly (~13 µs, against ~170 µs through dnslib).
 
 Threads: each UDP socket is served by a thread of its own (:class:`_UdpThread`) with a
-blocking ``recvfrom``: a query whose answer is cached is answered there and then
-(:meth:`DnsServer.cached`, ~0.4 µs for a repeated query) without waking the event
-loop: at 5,000 q/s the server used ~95 µs of CPU per query through the loop and ~55
-µs this way. Everything else goes to the event loop in batches. Only the loop reads
-or changes the view; the threads read an :class:`_Answers`, the cache of one version
-of the view, which the loop replaces (never empties) when the version moves, and they
-check the view's ``version`` against it on every query: a query read after a change
-has returned never gets an answer cached before it, so an update is visible at once.
+blocking ``recvfrom``: a plain query inside a zone is answered there and then, from the
+cache or encoded (:meth:`DnsServer.cached`, ~0.4 µs for a repeated query), without
+waking the event loop; the rest (the apex, ANY, forwards, anything dnslib must parse)
+goes to the loop in batches. Only the loop changes the view, one entry at a time,
+bumping its ``version`` after each change; a thread reads it one dict look-up at a time
+and caches into an :class:`_Answers`, the cache of one version, which is replaced
+(never emptied) when the version moves: a query read after an update has returned
+never gets an answer from before it, so an update is visible at once.
 TCP stays on the event loop.
 """
 
@@ -285,19 +285,22 @@ _RCODE_KEYS: Final = tuple("rcode_" + RCODE_NAMES.get(rc, "other") for rc in ran
 
 
 class _Answers:
-    """The answer cache of one version of one view. The event loop replaces the whole
-    object when the version moves and never empties one in place, so a UDP thread
-    reading it sees the answers of that version only."""
+    """The answer cache of one version of one view. Whoever first sees the version
+    move (the loop or a UDP thread) replaces the whole object; nobody empties one in
+    place, so a reader of it sees answers of that version (or of the update being
+    committed as it reads) only."""
 
-    __slots__ = ("exact", "plain", "version", "view")
+    __slots__ = ("exact", "plain", "soa", "version", "view")
 
     def __init__(self, view: ZoneView | None, version: int) -> None:
         self.view = view
         self.version = version
-        #: :attr:`_Plain.key` -> template (no ID, RD, CD; lower-case name), by the loop
+        #: :attr:`_Plain.key` -> template (no ID, RD, CD; lower-case name)
         self.plain: dict[bytes, bytes] = {}
         #: a query without its ID -> the answer without its ID, by the UDP threads
         self.exact: dict[bytes, bytes] = {}
+        #: the zone's SOA RDATA at this version, built by the first negative answer
+        self.soa: bytes | None = None
 
 
 def _store(cache: dict[bytes, bytes], key: bytes, value: bytes) -> None:
@@ -345,8 +348,6 @@ class DnsServer:
         self._stats: Counter[str] = Counter()  # the event loop's; each UDP thread has its own
         self.bound: list[Addr] = []
         self._answers = _Answers(None, -1)
-        self._soa_rdata = b""
-        self._encoded_version = -1
         self._udp: list[_UdpThread] = []
         self._tcp: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -364,31 +365,47 @@ class DnsServer:
     # ------------------------------------------------------------ answering
 
     def _current(self) -> _Answers:
-        """The cache of the view as it is now (event loop only): a new one when the
-        view's version moved, swapped in whole so a UDP thread sees one version."""
-        view, answers = self.view, self._answers
-        if answers.view is not view or answers.version != view.version:
-            answers = self._answers = _Answers(view, view.version)
+        """The cache of the view as it is now (any thread): a new one when the view or
+        its version moved. The version is read before anything of the view, so the
+        cache is never labelled newer than what goes into it; a thread and the loop
+        that both replace it lose at most a few cached answers."""
+        view = self.view
+        version = view.version
+        answers = self._answers
+        if answers.view is not view or answers.version != version:
+            answers = self._answers = _Answers(view, version)
         return answers
 
-    def cached(self, data: bytes) -> bytes | None:
-        """The answer to a UDP query from the cache, or None (then :meth:`handle`
-        answers it). Safe to call from any thread: it reads one :class:`_Answers`
-        and the view's ``version``, never the view's records, so it can run while the
-        event loop changes the view; an answer cached before a change is never used
-        after it (the version check). Counts nothing: the caller does."""
-        answers, view = self._answers, self.view
-        if answers.view is not view or answers.version != view.version:
-            return None
+    def cached(self, data: bytes, counts: Counter[str] | None = None) -> bytes | None:
+        """The answer to a UDP query of the fast path, or None (then :meth:`handle`
+        answers it on the loop). Safe to call from any thread while the loop changes
+        the view: it answers from the cache of the current version, or encodes a plain
+        in-zone question from single dict reads of the view (:meth:`_encode`), which
+        the loop changes entry by entry, bumping ``version`` after each. A query read
+        after an update has returned is answered from that update on. Counts hits and
+        encodings in ``counts``, the caller's own counters (not the rcode)."""
+        answers = self._current()
         tail = data[2:]
         hit = answers.exact.get(tail)
         if hit is not None:
+            if counts is not None:
+                counts["cache_hits"] += 1
             return data[:2] + hit
         plain = _plain(data)
         if plain is None:
             return None
         template = answers.plain.get(plain.key)
-        if template is None or len(template) > plain.limit:
+        if template is not None:
+            if counts is not None:
+                counts["cache_hits"] += 1
+        else:
+            view = answers.view
+            template = self._encode(data, plain, view, answers) if view is not None else None
+            if template is None:
+                return None
+            if counts is not None:
+                counts["encoded"] += 1
+        if len(template) > plain.limit:
             return None
         out = _patch(template, data, plain.qend)
         if len(data) <= EXACT_KEY_MAX:
@@ -397,17 +414,19 @@ class DnsServer:
 
     def handle(self, data: bytes, tcp: bool = False) -> bytes | _Forward | None:
         """One query in, one response out (None: dropped and counted). Never raises.
-        Event loop only (it reads the view)."""
+        Event loop only (the slow path keeps state of the loop's)."""
         try:
-            view = self.view
             answers = self._current()
+            view = answers.view
             plain = _plain(data)
-            if plain is not None:
+            if plain is not None and view is not None:
                 template = answers.plain.get(plain.key)
                 if template is not None:
                     self._stats["cache_hits"] += 1
                 else:
                     template = self._encode(data, plain, view, answers)
+                    if template is not None:
+                        self._stats["encoded"] += 1
                 if template is not None and (tcp or len(template) <= plain.limit):
                     self._stats[_RCODE_KEYS[template[3] & 0x0F]] += 1
                     return _patch(template, data, plain.qend)
@@ -423,7 +442,9 @@ class DnsServer:
         """The answer template (as :meth:`_remember` keeps them) for a plain query of a
         name inside a zone, built from bytes without dnslib (~10 µs against ~200 µs), and
         cached; None for what only the slow path answers (the apex, ANY, transfers,
-        classes other than IN, names that are not clean ASCII labels, no zone)."""
+        classes other than IN, names that are not clean ASCII labels, no zone). Any
+        thread: it reads the view one dict look-up at a time and writes ``answers``
+        only (counting is the caller's)."""
         name_end, qend = plain.name_end, plain.qend
         qtype = data[name_end] << 8 | data[name_end + 1]
         if data[name_end + 2 : qend] != b"\x00\x01" or qtype in _SLOW_TYPES:
@@ -438,9 +459,6 @@ class DnsServer:
         apex = view.find_zone(key)
         if apex is None or apex == key:
             return None
-        if self._encoded_version != view.version:
-            self._soa_rdata = _soa_rdata(view)
-            self._encoded_version = view.version
         ttl = view.ttl.to_bytes(4, "big")
         entry = view.get(key)
         rcode, answer = NOERROR, b""
@@ -460,7 +478,9 @@ class DnsServer:
             rcode = NXDOMAIN
         authority = b""
         if not answer:  # negative answer: the zone's SOA (owner spelled as the zone is)
-            soa = self._soa_rdata
+            soa = answers.soa
+            if soa is None:
+                soa = answers.soa = _soa_rdata(view)
             authority = (
                 _wire_name(apex) + b"\x00\x06\x00\x01" + ttl
                 + len(soa).to_bytes(2, "big") + soa
@@ -480,7 +500,6 @@ class DnsServer:
                 (_OPT_RR_DO if flag == 2 else _OPT_RR) if flag else b"",
             )
         )
-        self._stats["encoded"] += 1
         _store(answers.plain, plain.key, template)
         return template
 
@@ -841,7 +860,7 @@ class DnsServer:
 
 class _UdpThread:
     """One UDP socket served by a thread of its own: a blocking ``recvfrom``, the answer
-    from :meth:`DnsServer.cached` sent straight back, everything else (cache misses,
+    from :meth:`DnsServer.cached` sent straight back, everything else (the apex,
     forwards, bad packets) queued for the event loop, which drains up to
     :data:`UDP_BATCH` per turn. No event-loop wake-up per cached answer (at 5,000
     q/s that wake-up cost ~40 µs of CPU per query, the answer ~4 µs). Replies never
@@ -881,13 +900,12 @@ class _UdpThread:
                 return
             counts["queries_udp"] += 1
             try:
-                out = cached(data)
+                out = cached(data, counts)
             except Exception:  # never expected: let the loop's full path decide
                 out = None
             if out is None:
                 self._to_loop(data, addr)
                 continue
-            counts["cache_hits"] += 1
             counts[_RCODE_KEYS[out[3] & 0x0F]] += 1
             try:
                 sendto(out, socket.MSG_DONTWAIT, addr)

@@ -256,7 +256,10 @@ class ZoneView:
 
     Mutators return True when anything a query could see changed (and bump
     :attr:`version`, which the server's answer cache keys on). Reads are dict look-ups
-    on lower-case names with the final dot."""
+    on lower-case names with the final dot. The DNS server's UDP threads read while
+    the event loop writes, so every change a read could see is followed by a bump of
+    :attr:`version` before the mutator returns (an entry's last write is
+    ``_set_entry``, which bumps after it), and each read is a single look-up."""
 
     def __init__(
         self,

@@ -29,7 +29,7 @@ import meshd.dns
 from meshd.core.ipam import AddressPlan
 from meshd.core.membership import MemberState
 from meshd.core.naming import Member, ZoneView, reverse_name
-from meshd.dns import MAX_UDP_PAYLOAD, UDP_PENDING_MAX, DnsServer, default_upstreams
+from meshd.dns import MAX_UDP_PAYLOAD, NXDOMAIN, UDP_PENDING_MAX, DnsServer, default_upstreams
 
 T = TypeVar("T")
 PLAN = AddressPlan.parse("10.200.0.0/16", "fd00:200::/48")
@@ -758,19 +758,69 @@ def test_the_threads_cache_answers_exactly_what_the_loop_answers(data: bytes, qi
     assert server.stats["dropped_internal_error"] == 0
 
 
-def test_the_threads_cache_never_answers_for_an_older_version() -> None:
+def test_the_threads_never_answer_for_an_older_version() -> None:
+    """The threads' path answers a query read after an update from that update on:
+    from a new cache of the new version, never from the old one."""
     view = make_zone()
     server = DnsServer(view, forward=False)
     q = packet("beta.mesh.internal")
-    server.handle(q)
-    assert server.cached(q) is not None and server.cached(q) == server.cached(q)
+    counts: Counter[str] = Counter()
+    first = server.cached(q, counts)  # encoded by the thread's path, no loop involved
+    assert first is not None and answers(DNSRecord.parse(first))[0][2] == "10.200.0.2"
+    assert server.cached(q, counts) == first and counts == {"encoded": 1, "cache_hits": 1}
+    old = server._answers
     view.update(Member(nid(2), "beta", "db", 2, 2.0), MemberState.DEAD)
-    assert server.cached(q) is None  # until the loop has answered for the new version
-    out = server.handle(q)
-    assert isinstance(out, bytes) and DNSRecord.parse(out).header.rcode == RCODE.NXDOMAIN
-    assert server.cached(q) == out
+    out = server.cached(q, counts)
+    assert out is not None and DNSRecord.parse(out).header.rcode == RCODE.NXDOMAIN
+    assert server._answers is not old and out == server.handle(q)
+    assert counts["encoded"] == 2
     server.view = make_zone()  # another view, maybe at the same version number
-    assert server.cached(q) is None
+    again = server.cached(q, counts)
+    assert again is not None and again == first and counts["encoded"] == 3
+
+
+def test_the_threads_see_each_update_while_the_loop_makes_them() -> None:
+    """A thread calling DnsServer.cached as fast as it can while this thread flips a
+    member between alive and dead: every answer is one of the two states, and every
+    call made after a flip returned sees that flip (the version check, no locks)."""
+    view = make_zone()
+    server = DnsServer(view, forward=False)
+    q = packet("beta.mesh.internal")
+    alive = Member(nid(2), "beta", "db", 2, 2.0)
+    # seq is odd while an update runs: a call that began and ended at one even seq
+    # overlapped no update, so it must give the state that update left
+    state = {"dead": False, "seq": 0}
+    stop = threading.Event()
+    bad: list[str] = []
+    checked = [0]
+
+    def reader() -> None:
+        deadline = time.monotonic() + 20
+        while not stop.is_set() and time.monotonic() < deadline:
+            seq, dead = state["seq"], state["dead"]
+            out = server.cached(q)
+            if out is None:
+                bad.append("no answer")
+                continue
+            if seq % 2 == 0 and state["seq"] == seq:
+                checked[0] += 1
+                if (out[3] & 0x0F) != (NXDOMAIN if dead else 0):
+                    bad.append(f"seq {seq}: rcode {out[3] & 0x0F}, dead={dead}")
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for i in range(400):
+            state["seq"] += 1
+            view.update(alive, MemberState.DEAD if i % 2 == 0 else MemberState.ALIVE)
+            state["dead"] = i % 2 == 0
+            state["seq"] += 1
+            time.sleep(0.0005)
+    finally:
+        stop.set()
+        t.join(30)
+    assert not t.is_alive() and checked[0] > 400
+    assert bad == []
 
 
 def test_port_zero_tries_another_port_when_tcp_has_the_udp_one(
@@ -863,8 +913,9 @@ def test_updates_are_seen_at_once_while_the_cache_is_hammered(srv: Srv) -> None:
 
 
 def test_misses_wait_for_a_busy_loop_up_to_a_bound(srv: Srv) -> None:
-    """While the event loop is busy the thread queues misses for it, up to
-    UDP_PENDING_MAX; more are dropped and counted; cache hits are still answered."""
+    """While the event loop is busy the thread queues what only the loop answers
+    (here out-of-zone names, REFUSED) up to UDP_PENDING_MAX; more are dropped and
+    counted; names in the zone are still answered, cached or not."""
     hot = packet("alpha.mesh.internal", qid=3)
     assert srv.udp(hot) is not None  # now cached
     busy, free = threading.Event(), threading.Event()
@@ -881,12 +932,15 @@ def test_misses_wait_for_a_busy_loop_up_to_a_bound(srv: Srv) -> None:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         s.settimeout(0.5)
         for i in range(sent):
-            s.sendto(packet(f"nx{i}.mesh.internal", qid=i), srv.addr)
+            s.sendto(packet(f"nx{i}.example", qid=i), srv.addr)
             if i % 100 == 0:
                 time.sleep(0.002)  # let the thread keep up with the socket
-        s.sendto(hot, srv.addr)  # answered by the thread while the loop still sleeps
-        while s.recv(4096)[:2] != hot[:2]:
-            pass
+        new = packet("never-asked.mesh.internal", qid=4)
+        for q in (hot, new):  # answered by the thread while the loop still sleeps
+            s.sendto(q, srv.addr)
+            while (out := s.recv(4096))[:2] != q[:2]:
+                pass
+        assert DNSRecord.parse(out).header.rcode == RCODE.NXDOMAIN
         assert not free.is_set()
         srv.lt.run(lambda: None)  # the loop is free again: it answers what waited
         got = 0
