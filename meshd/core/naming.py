@@ -609,12 +609,14 @@ class ZoneView:
                 self._winner[name] = winner
                 if before is None:
                     self._ent_adjust(name, +1)
-        # Entries: every affected name, and the PTR names of members whose node-name
-        # ownership may have changed (their PTR target follows it).
+        # Entries: every affected name, every name of the changed members (a member
+        # that moved to another address keeps its ranks: its entries follow it), and
+        # the PTR names of members whose node-name ownership may have changed (their
+        # PTR target follows it).
         names = set(affected)
         for nid in touched:
             for name in self._claimed_by.get(nid, ()):
-                if name.endswith(_ARPA):
+                if nid in ids or name.endswith(_ARPA):
                     names.add(name)
         for name in names:
             self._set_entry(name, self._entry_for(name))

@@ -355,6 +355,24 @@ def test_updates_report_whether_anything_changed_and_bump_the_version() -> None:
     assert v.remove(nid(99)) is False
 
 
+def test_a_member_that_moves_to_another_address_takes_its_names_along() -> None:
+    """Same names, same admission, another lease offset: every name of the member
+    (node name, hostname, PTRs) follows, and the old address names are gone."""
+    v = ZoneView(PLAN16, Z, self_id=nid(1))
+    v.update(member(2, "web", "svc", 5), ALIVE)
+    version = v.version
+    assert v.update(member(2, "web", "svc", 6), ALIVE) and v.version > version
+    for name in ("web.mesh.internal.", "svc.mesh.internal."):
+        entry = v.get(name)
+        assert isinstance(entry, Host) and str(entry.a) == "10.200.0.6", name
+    assert v.get("5.0.200.10.in-addr.arpa.") is None
+    ptr = v.get("6.0.200.10.in-addr.arpa.")
+    assert isinstance(ptr, Pointer) and ptr.target == "web.mesh.internal."
+    assert v.get("node-0-5.mesh.internal.") is None
+    fresh = ZoneView.build(PLAN16, Z, [(member(2, "web", "svc", 6), ALIVE)], None, self_id=nid(1))
+    assert snapshot(v) == snapshot(fresh)
+
+
 def test_rows_list_every_record() -> None:
     v = view(member(1, "alpha"))
     rows = v.rows()
@@ -422,22 +440,36 @@ def test_the_zone_does_not_depend_on_the_order_members_arrive(
 
 
 @given(
-    st.lists(st.tuples(st.integers(0, 13), states, names, st.none() | names), max_size=40),
+    st.lists(
+        st.tuples(
+            st.integers(0, 13),
+            states,
+            st.none() | names,  # None: keep the member's names (a pure move or state change)
+            st.none() | names,
+            st.none() | st.integers(1, 30),  # None: keep its address
+        ),
+        max_size=40,
+    ),
     members_st,
 )
 @settings(max_examples=60, deadline=None)
 def test_any_history_of_updates_ends_where_a_fresh_build_starts(
-    ops: list[tuple[int, MemberState | None, str, str | None]], ms: list[Member]
+    ops: list[tuple[int, MemberState | None, str | None, str | None, int | None]],
+    ms: list[Member],
 ) -> None:
-    """Incremental maintenance (renames, state changes, removals, leader moves) equals
-    building the final view from scratch."""
+    """Incremental maintenance (renames, moves to another address, state changes,
+    removals, leader moves) equals building the final view from scratch."""
     if not ms:
         return
     v = ZoneView(PLAN16, Z, self_id=nid(1))
     final: dict[bytes, tuple[Member, MemberState | None]] = {}
-    for k, (idx, state, name, hostname) in enumerate(ops):
+    for k, (idx, state, name, hostname, offset) in enumerate(ops):
         base = ms[idx % len(ms)]
-        m = Member(base.node_id, name, hostname, base.offset, base.admitted_at)
+        prev = final.get(base.node_id, (base, None))[0]
+        if name is None:
+            name, hostname = prev.name, prev.hostname
+        offset = prev.offset if offset is None else offset
+        m = Member(base.node_id, name, hostname, offset, base.admitted_at)
         v.update(m, state)
         final[m.node_id] = (m, state)
         if k % 7 == 3:
