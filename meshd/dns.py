@@ -292,7 +292,7 @@ class _Answers:
 
     __slots__ = ("exact", "plain", "soa", "version", "view")
 
-    def __init__(self, view: ZoneView | None, version: int) -> None:
+    def __init__(self, view: ZoneView, version: int) -> None:
         self.view = view
         self.version = version
         #: :attr:`_Plain.key` -> template (no ID, RD, CD; lower-case name)
@@ -347,7 +347,7 @@ class DnsServer:
         self.tcp_idle = tcp_idle
         self._stats: Counter[str] = Counter()  # the event loop's; each UDP thread has its own
         self.bound: list[Addr] = []
-        self._answers = _Answers(None, -1)
+        self._answers = _Answers(view, -1)  # no view is at version -1: empty until asked
         self._udp: list[_UdpThread] = []
         self._tcp: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -399,8 +399,7 @@ class DnsServer:
             if counts is not None:
                 counts["cache_hits"] += 1
         else:
-            view = answers.view
-            template = self._encode(data, plain, view, answers) if view is not None else None
+            template = self._encode(data, plain, answers.view, answers)
             if template is None:
                 return None
             if counts is not None:
@@ -419,7 +418,7 @@ class DnsServer:
             answers = self._current()
             view = answers.view
             plain = _plain(data)
-            if plain is not None and view is not None:
+            if plain is not None:
                 template = answers.plain.get(plain.key)
                 if template is not None:
                     self._stats["cache_hits"] += 1
